@@ -1,0 +1,244 @@
+"""The backend registry.
+
+Backends are chosen by name: the `name` argument of `get`, else the
+innermost `use(name)` block, else the environment variable
+`FASTBN_BACKEND`, else `"auto"`: the fastest backend that works here.
+Built-in backends are registered here; third-party ones join through the
+entry-point group `fastbn.backends` (each entry point names a factory), or
+at run time through `register`.
+
+A factory is a callable taking no arguments that returns a
+`fastbn.backends.base.Backend`, or raises `BackendUnavailable` saying why
+the backend cannot work on this machine.  A factory may carry a `priority`
+attribute (an int, higher first) for `auto`; plugins default to -1, so
+`auto` prefers the built-in backends unless a plugin says otherwise.
+"""
+
+import contextvars
+import importlib
+import os
+import threading
+
+from .base import Backend, BackendUnavailable, compute_dtype, per_channel_multiplier
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "ENV_VAR",
+    "ENTRY_POINT_GROUP",
+    "available",
+    "compute_dtype",
+    "get",
+    "per_channel_multiplier",
+    "register",
+    "registered",
+    "status",
+    "use",
+]
+
+ENV_VAR = "FASTBN_BACKEND"
+ENTRY_POINT_GROUP = "fastbn.backends"
+AUTO = "auto"
+
+
+class _Entry:
+    __slots__ = ("factory", "priority", "instance", "reason", "probed")
+
+    def __init__(self, factory, priority):
+        self.factory = factory
+        self.priority = priority
+        self.instance = None
+        self.reason = None
+        self.probed = False
+
+
+def _builtin_factory(module_name):
+    def factory():
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        return module.create()
+
+    return factory
+
+
+# name -> (module, priority for auto)
+_BUILTINS = {
+    "numpy": ("numpy_backend", 0),
+}
+
+_lock = threading.RLock()
+_entries = {name: _Entry(_builtin_factory(mod), prio) for name, (mod, prio) in _BUILTINS.items()}
+_plugins_loaded = False
+_override = contextvars.ContextVar("fastbn_backend_override", default=None)
+_auto_cache = {}
+
+
+def _load_plugins():
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    with _lock:
+        if _plugins_loaded:
+            return
+        _plugins_loaded = True
+        try:
+            from importlib.metadata import entry_points
+
+            eps = entry_points(group=ENTRY_POINT_GROUP)
+        except Exception:  # a broken environment must not break fastbn itself
+            eps = ()
+        for ep in eps:
+            if ep.name in _entries:
+                continue
+            _entries[ep.name] = _Entry(_plugin_factory(ep), -1)
+
+
+def _plugin_factory(ep):
+    def factory():
+        try:
+            target = ep.load()
+        except Exception as err:
+            raise BackendUnavailable(f"entry point {ep.value!r} failed to load: {err}") from err
+        backend = target() if callable(target) and not isinstance(target, Backend) else target
+        if not isinstance(backend, Backend):
+            raise BackendUnavailable(
+                f"entry point {ep.value!r} did not give a fastbn Backend"
+            )
+        return backend
+
+    return factory
+
+
+def register(name, factory, priority=None, replace=False):
+    """Registers a backend factory under `name`.
+
+    `factory()` must return a `Backend` or raise `BackendUnavailable`.
+    `priority` ranks it for `auto` (higher first; default: the factory's
+    `priority` attribute, else -1).  Registering a name that exists raises
+    ValueError unless `replace=True`.
+    """
+    if not isinstance(name, str) or not name or name == AUTO:
+        raise ValueError(f"name must be a non-empty str other than 'auto', got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {type(factory).__name__}")
+    if priority is None:
+        priority = getattr(factory, "priority", -1)
+    if not isinstance(priority, int):
+        raise TypeError(f"priority must be an int, got {priority!r}")
+    _load_plugins()
+    with _lock:
+        if name in _entries and not replace:
+            raise ValueError(f"a backend named {name!r} is already registered")
+        _entries[name] = _Entry(factory, priority)
+        _auto_cache.clear()
+
+
+def _probe(name):
+    entry = _entries[name]
+    if not entry.probed:
+        with _lock:
+            if not entry.probed:
+                try:
+                    backend = entry.factory()
+                    if not isinstance(backend, Backend):
+                        raise BackendUnavailable(
+                            f"its factory returned {type(backend).__name__}, not a Backend"
+                        )
+                    if backend.name is None:
+                        backend.name = name
+                    entry.instance = backend
+                except BackendUnavailable as err:
+                    entry.reason = str(err) or "unavailable"
+                except ImportError as err:
+                    entry.reason = f"cannot be imported: {err}"
+                entry.probed = True
+    return entry
+
+
+def registered():
+    """The names of all registered backends, working here or not."""
+    _load_plugins()
+    return list(_entries)
+
+
+def status():
+    """`{name: None if it works here, else the reason why not}` for every backend."""
+    _load_plugins()
+    return {name: _probe(name).reason for name in list(_entries)}
+
+
+def available():
+    """The names of the backends that work here, fastest first."""
+    _load_plugins()
+    names = [name for name in list(_entries) if _probe(name).instance is not None]
+    return sorted(names, key=lambda n: -_entries[n].priority)
+
+
+def _unknown(name):
+    return ValueError(
+        f"unknown fastbn backend {name!r}; available here: {', '.join(available())} "
+        f"(or 'auto'). Set it with {ENV_VAR}=<name> or fastbn.backends.use(<name>)."
+    )
+
+
+def _resolve(name):
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, got {type(name).__name__}")
+    _load_plugins()
+    if name == AUTO:
+        backend = _auto_cache.get(AUTO)
+        if backend is None:
+            names = available()
+            if not names:
+                raise RuntimeError("no fastbn backend works here")
+            backend = _auto_cache[AUTO] = _entries[names[0]].instance
+        return backend
+    entry = _entries.get(name)
+    if entry is None:
+        raise _unknown(name)
+    _probe(name)
+    if entry.instance is None:
+        raise BackendUnavailable(
+            f"fastbn backend {name!r} does not work here: {entry.reason}. "
+            f"Available: {', '.join(available())}."
+        )
+    return entry.instance
+
+
+def get(name=None):
+    """The backend object for `name` (default: `use()` block, `FASTBN_BACKEND`, else auto)."""
+    if name is None:
+        name = _override.get() or os.environ.get(ENV_VAR) or AUTO
+    if name == AUTO:
+        backend = _auto_cache.get(AUTO)
+        if backend is not None:
+            return backend
+    else:
+        entry = _entries.get(name)
+        if entry is not None and entry.instance is not None:
+            return entry.instance
+    return _resolve(name)
+
+
+class use:
+    """A context manager that makes `name` the backend inside the block.
+
+        with fastbn.backends.use("numpy"):
+            y = fastbn.batch_norm(x)
+
+    The name is checked on entry: an unknown or unavailable backend raises
+    there.  Blocks nest; the setting is per thread and per async context.
+    """
+
+    __slots__ = ("_name", "_token")
+
+    def __init__(self, name):
+        self._name = name
+
+    def __enter__(self):
+        backend = get(self._name)
+        self._token = _override.set(self._name)
+        return backend
+
+    def __exit__(self, *exc):
+        _override.reset(self._token)
+        return False

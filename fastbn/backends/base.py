@@ -1,0 +1,100 @@
+"""The backend protocol: the array kernels every fastbn backend provides.
+
+A backend is array math and nothing else.  Every kernel works on a 3-D
+*channel view* `x` of shape `(N, C, M)`: the channel axis in the middle,
+everything before it folded into `N` and everything after it into `M`.
+NHWC data of shape (B, H, W, C) is viewed as (B*H*W, C, 1); NCHW data of
+shape (B, C, H, W) as (B, C, H*W); any rank >= 2 folds the same way.
+`fastbn.nn` builds these views, validates arguments and holds the TF
+semantics (Bessel's correction, epsilon rules, dtypes); a backend only
+computes.
+
+Dtypes: `x` is float16, float32 or float64; the *compute dtype* is float64
+for float64 input and float32 otherwise.  Per-channel vectors passed in
+(`mean`, `multiplier`, `offset`, `scale`, `variance`) are contiguous 1-D
+arrays of length C in the compute dtype.  Outputs have the dtype of `x`;
+`out`, when given, is a C-contiguous array of x's shape and dtype to write
+the result into (it may be `x` itself).  Statistics are accumulated in at
+least float32 and must stay accurate when |mean| >> std.
+
+`weights`, when given, are frequency weights broadcastable to `x`, of shape
+`(N, 1, M)` (one weight per position, shared by all channels) or
+`(N, C, M)`, in the compute dtype; zero strides are allowed.  Weighted
+statistics divide by the sum of the broadcast weights and are 0 where that
+sum is 0.
+
+A backend subclasses `Backend` and implements `moments` and `normalize`;
+`train_forward` and `infer_forward` have reference compositions here that a
+fast backend overrides with fused kernels.
+"""
+
+import numpy as np
+
+__all__ = ["Backend", "BackendUnavailable", "compute_dtype", "per_channel_multiplier"]
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by a backend factory when the backend cannot work here; says why."""
+
+
+def compute_dtype(dtype):
+    """float64 for float64 data, float32 for float16 and float32 data."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def per_channel_multiplier(variance, scale, epsilon, dtype):
+    """`scale / sqrt(variance + epsilon)` per channel, computed in float64, in `dtype`."""
+    inv = 1.0 / np.sqrt(np.asarray(variance, np.float64) + float(epsilon))
+    if scale is not None:
+        inv = inv * np.asarray(scale, np.float64)
+    return inv.astype(dtype)
+
+
+class Backend:
+    """Base class and protocol of fastbn backends (see the module docstring).
+
+    Attributes:
+      name: the registry name of the backend.
+      description: one line for `python -m fastbn info`.
+    """
+
+    name = None
+    description = ""
+
+    def threads(self):
+        """How many threads the backend's kernels use (1 when serial)."""
+        return 1
+
+    def moments(self, x, weights=None):
+        """Per-channel mean and biased variance of `x` over axes 0 and 2.
+
+        Returns `(mean, variance)`, 1-D arrays of length C in float32 or
+        float64 (at least the accuracy of float32).  With no element to
+        reduce over (N*M == 0) both are NaN.
+        """
+        raise NotImplementedError
+
+    def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
+        """`y = (x - mean) * multiplier + offset` per channel, then max(y, 0) if `relu`."""
+        raise NotImplementedError
+
+    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
+        """Batch statistics and the output normalized with them, in one call.
+
+        Returns `(y, mean, variance)` with the biased variance.  `scale` and
+        `offset` are per-channel vectors.
+        """
+        mean, variance = self.moments(x, weights)
+        ct = compute_dtype(x.dtype)
+        multiplier = per_channel_multiplier(variance, scale, epsilon, ct)
+        y = self.normalize(x, mean.astype(ct), multiplier, offset, out=out, relu=relu)
+        return y, mean, variance
+
+    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
+        """The output normalized with given statistics (inference)."""
+        ct = compute_dtype(x.dtype)
+        multiplier = per_channel_multiplier(variance, scale, epsilon, ct)
+        return self.normalize(x, mean, multiplier, offset, out=out, relu=relu)
+
+    def __repr__(self):
+        return f"<fastbn backend {self.name!r}>"

@@ -1,0 +1,497 @@
+"""Array ops with TensorFlow's signatures: moments, batch normalization, activations.
+
+These are what `fastbn.batch_norm` is made of, and usable on their own.
+Every op takes NumPy arrays (or `fastbn.Variable`s, or array-likes), any
+rank >= 2 where a channel axis is involved, and returns NumPy arrays; the
+arithmetic runs on the current backend (`fastbn.backends.get()`).
+Python lists and scalars become float32, as `tf.convert_to_tensor` makes them.
+"""
+
+import numbers
+
+import numpy as np
+
+from . import backends
+from ._variables import Variable
+from .backends.base import compute_dtype
+
+__all__ = [
+    "moments",
+    "weighted_moments",
+    "batch_normalization",
+    "fused_batch_norm",
+    "relu",
+    "relu6",
+    "sigmoid",
+    "tanh",
+    "elu",
+]
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# TF1's nn.fused_batch_norm raised epsilon to this (cuDNN's minimum, plus a margin).
+FUSED_MIN_EPSILON = 1.001e-5
+_CHANNELS_LAST = ("NHWC", "NDHWC", "NWC")
+_CHANNELS_FIRST = ("NCHW", "NCDHW", "NCW")
+
+
+# --------------------------------------------------------------------------
+# argument handling shared with the layer
+
+
+def as_float_array(value, argument):
+    """`value` as a float16/32/64 ndarray (no copy when it is one already).
+
+    Raises TypeError naming `argument` for anything else.  Python lists and
+    scalars of floats become float32, as TensorFlow converts them.
+    """
+    if isinstance(value, np.ndarray):
+        array = value
+    elif isinstance(value, Variable):
+        array = value._value
+    else:
+        if value is None or isinstance(value, (str, bytes, dict, set)):
+            raise TypeError(
+                f"{argument} must be a floating-point array, got {type(value).__name__}"
+            )
+        native = not hasattr(value, "__array__") and not hasattr(value, "__array_interface__")
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{argument} must be a floating-point array: {err}") from None
+        if native and array.dtype == np.float64:
+            array = array.astype(np.float32)
+    if array.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{argument} must be a floating-point array (float16, float32 or float64), "
+            f"got dtype {array.dtype}"
+        )
+    return array
+
+
+def as_channel_vector(value, channels, dtype, argument):
+    """A per-channel parameter as a contiguous 1-D array of `channels` in `dtype`."""
+    if isinstance(value, Variable):
+        value = value._value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{argument} must be an array of {channels} numbers: {err}") from None
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"{argument} must be numeric, got dtype {array.dtype}")
+    if array.ndim == 0:
+        return np.full(channels, array, dtype)
+    if array.shape != (channels,):
+        raise ValueError(
+            f"{argument} must have one value per channel ({channels}), got shape {array.shape}"
+        )
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def channel_axis(data_format, ndim, argument="data_format"):
+    """The channel axis (1 or ndim-1) of a data format name."""
+    if data_format in _CHANNELS_LAST:
+        return ndim - 1
+    if data_format in _CHANNELS_FIRST:
+        return 1
+    raise ValueError(
+        f"{argument} has to be either NCHW or NHWC (or NCDHW/NDHWC), got {data_format!r}"
+    )
+
+
+def channel_view(x, axis):
+    """`x` as an (N, C, M) array with the channel axis `axis` in the middle."""
+    shape = x.shape
+    n = m = 1
+    for d in shape[:axis]:
+        n *= d
+    for d in shape[axis + 1:]:
+        m *= d
+    return x.reshape(n, shape[axis], m)
+
+
+def check_out(out, x, argument="out"):
+    """Validates an `out=` buffer for a result of x's shape and dtype."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{argument} must have the input's shape {x.shape}, got {out.shape}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{argument} must have the input's dtype {x.dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{argument} must be writeable")
+    return out
+
+
+def _out_view(out, axis):
+    """The (N, C, M) view of `out` if it can be written through one, else None."""
+    if out is None or not out.flags.c_contiguous:
+        return None
+    return channel_view(out, axis)
+
+
+def _finish(y3, x, out):
+    if out is None:
+        return y3.reshape(x.shape)
+    if not np.shares_memory(y3, out):
+        np.copyto(out, y3.reshape(x.shape))
+    return out
+
+
+def _check_epsilon(epsilon, argument="epsilon"):
+    if isinstance(epsilon, (bool, np.bool_)) or not isinstance(epsilon, (numbers.Real, np.floating)):
+        raise TypeError(f"{argument} must be a non-negative float, got {epsilon!r}")
+    epsilon = float(epsilon)
+    if not epsilon >= 0.0:
+        raise ValueError(f"{argument} must be a non-negative float, got {epsilon!r}")
+    return epsilon
+
+
+def _keepdims(keep_dims, keepdims):
+    if keep_dims is not None and keepdims is not None:
+        raise ValueError("Cannot specify both 'keep_dims' and 'keepdims'")
+    value = keepdims if keepdims is not None else keep_dims
+    return bool(value) if value is not None else False
+
+
+def _normalize_axes(axes, ndim):
+    if isinstance(axes, (numbers.Integral, np.integer)):
+        axes = [axes]
+    try:
+        axes = [int(a) for a in axes]
+    except TypeError:
+        raise TypeError(f"axes must be an int or a list of ints, got {axes!r}") from None
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axes has {a}, out of range for an input of rank {ndim}")
+        a %= ndim
+        if a in out:
+            raise ValueError(f"axes lists axis {a} twice")
+        out.append(a)
+    return sorted(out)
+
+
+def _reduction_layout(shape, axes):
+    """How to view x as (N, C, M) so that reducing `axes` is reducing N and M.
+
+    Returns (perm, kept): `perm` is None when the kept axes are contiguous (a
+    plain reshape does), else the transposition that makes them so.
+    """
+    ndim = len(shape)
+    kept = [a for a in range(ndim) if a not in axes]
+    if not kept or kept == list(range(kept[0], kept[-1] + 1)):
+        return None, kept
+    return axes + kept, kept
+
+
+def _reduced_view(x, axes):
+    perm, kept = _reduction_layout(x.shape, axes)
+    if perm is not None:
+        x = x.transpose(perm)
+        lo = len(axes)
+    else:
+        lo = kept[0] if kept else x.ndim
+    hi = lo + len(kept)
+    shape = x.shape
+    n = int(np.prod(shape[:lo], dtype=np.int64))
+    c = int(np.prod(shape[lo:hi], dtype=np.int64))
+    m = int(np.prod(shape[hi:], dtype=np.int64))
+    return x.reshape(n, c, m), perm, kept
+
+
+def _moments_result(x, axes, kept, mean, variance, keep_dims, dtype):
+    shape = x.shape
+    if keep_dims:
+        out_shape = tuple(1 if a in axes else shape[a] for a in range(x.ndim))
+    else:
+        out_shape = tuple(shape[a] for a in kept)
+    return mean.reshape(out_shape).astype(dtype), variance.reshape(out_shape).astype(dtype)
+
+
+# --------------------------------------------------------------------------
+# moments
+
+
+def moments(x, axes, shift=None, name=None, keep_dims=None, keepdims=None):
+    """Mean and (biased) variance of `x` over `axes`, as `tf.nn.moments`.
+
+    Args:
+      x: a float16, float32 or float64 array.
+      axes: the axes to reduce over (an int or a list).
+      shift: unused, as in TF.
+      keep_dims / keepdims: keep the reduced axes with length 1.
+
+    Returns:
+      `(mean, variance)` in x's dtype (float16 input is reduced in float32).
+    """
+    x = as_float_array(x, "x")
+    axes = _normalize_axes(axes, x.ndim)
+    keep = _keepdims(keep_dims, keepdims)
+    x3, _, kept = _reduced_view(x, axes)
+    mean, variance = backends.get().moments(x3)
+    return _moments_result(x, axes, kept, mean, variance, keep, x.dtype)
+
+
+def weighted_moments(x, axes, frequency_weights, name=None, keep_dims=None, keepdims=None):
+    """Frequency-weighted mean and variance, as `tf.nn.weighted_moments`.
+
+    `frequency_weights` must broadcast to x's shape; the statistics divide
+    by the sum of the broadcast weights over `axes` and are 0 where it is 0.
+    """
+    x = as_float_array(x, "x")
+    axes = _normalize_axes(axes, x.ndim)
+    keep = _keepdims(keep_dims, keepdims)
+    if isinstance(frequency_weights, Variable):
+        frequency_weights = frequency_weights._value
+    try:
+        w = np.asarray(frequency_weights)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"frequency_weights must be numeric: {err}") from None
+    if w.dtype.kind not in "fiub":
+        raise TypeError(f"frequency_weights must be numeric, got dtype {w.dtype}")
+    try:
+        np.broadcast_shapes(w.shape, x.shape)
+    except ValueError:
+        raise ValueError(
+            f"frequency_weights of shape {w.shape} does not broadcast to x's shape {x.shape}"
+        ) from None
+    if w.ndim > x.ndim or np.broadcast_shapes(w.shape, x.shape) != x.shape:
+        raise ValueError(
+            f"frequency_weights of shape {w.shape} must broadcast to x's shape {x.shape}"
+        )
+    x3, perm, kept = _reduced_view(x, axes)
+    w3 = _weights_view(w, x, x3, perm, kept, compute_dtype(x.dtype))
+    mean, variance = backends.get().moments(x3, w3)
+    return _moments_result(x, axes, kept, mean, variance, keep, x.dtype)
+
+
+def _weights_view(w, x, x3, perm, kept, dtype):
+    """Weights in the (N, 1, M) or (N, C, M) layout of `x3`."""
+    full = w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
+    if all(full.shape[a] == 1 for a in kept):
+        # Shared by all channels: one weight per (N, M) position.
+        target = tuple(1 if a in kept else x.shape[a] for a in range(x.ndim))
+        wb = np.broadcast_to(full, target)
+        if perm is not None:
+            wb = wb.transpose(perm)
+        return np.ascontiguousarray(wb, dtype=dtype).reshape(x3.shape[0], 1, x3.shape[2])
+    wb = np.broadcast_to(full, x.shape)
+    if perm is not None:
+        wb = wb.transpose(perm)
+    return np.ascontiguousarray(wb, dtype=dtype).reshape(x3.shape)
+
+
+# --------------------------------------------------------------------------
+# normalization
+
+
+def _param_layout(x, params):
+    """The channel axis of broadcastable per-channel parameters, or None if generic.
+
+    Returns (axis, C): the single axis along which the parameters vary
+    (-1 when all are scalars).  None when they vary along several axes.
+    """
+    axis = -1
+    for name, p in params:
+        if p is None:
+            continue
+        if p.ndim > x.ndim:
+            raise ValueError(f"{name} of shape {p.shape} has a higher rank than x {x.shape}")
+        aligned = (1,) * (x.ndim - p.ndim) + p.shape
+        for a, d in enumerate(aligned):
+            if d == 1:
+                continue
+            if d != x.shape[a]:
+                raise ValueError(f"{name} of shape {p.shape} does not broadcast to x {x.shape}")
+            if axis not in (-1, a):
+                return None
+            axis = a
+    return axis
+
+
+def _param_array(value, argument):
+    if value is None:
+        return None
+    if isinstance(value, Variable):
+        return value._value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{argument} must be numeric: {err}") from None
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"{argument} must be numeric, got dtype {array.dtype}")
+    return array
+
+
+def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name=None,
+                        out=None):
+    """`(x - mean) * scale / sqrt(variance + variance_epsilon) + offset`, as TF's op.
+
+    `mean`, `variance`, `offset` and `scale` broadcast against `x`
+    (typically per-channel vectors, shaped `(1, C, 1, 1)` for NCHW);
+    `offset` and `scale` may be None.  Computed as `(x - mean) * k + b`,
+    which stays accurate when |mean| >> std (TF's `x * k + (offset - mean*k)`
+    does not).  `out` takes an array of x's shape and dtype to write into.
+    """
+    x = as_float_array(x, "x")
+    epsilon = _check_epsilon(variance_epsilon, "variance_epsilon")
+    if out is not None:
+        check_out(out, x)
+    params = [
+        ("mean", _param_array(mean, "mean")),
+        ("variance", _param_array(variance, "variance")),
+        ("offset", _param_array(offset, "offset")),
+        ("scale", _param_array(scale, "scale")),
+    ]
+    if params[0][1] is None or params[1][1] is None:
+        raise TypeError("mean and variance are required")
+    axis = _param_layout(x, params)
+    if axis is None:
+        return _generic_batch_normalization(x, params, epsilon, out)
+    if axis == -1:
+        x3 = x.reshape(-1, 1, 1)
+        out3 = out.reshape(-1, 1, 1) if out is not None and out.flags.c_contiguous else None
+        channels = 1
+    else:
+        x3 = channel_view(x, axis)
+        out3 = _out_view(out, axis)
+        channels = x.shape[axis]
+    ct = compute_dtype(x.dtype)
+    vec = {
+        name: (None if p is None else
+               as_channel_vector(p.reshape(()) if p.size == 1 else p.reshape(-1), channels, ct, name))
+        for name, p in params
+    }
+    offset_v = vec["offset"] if vec["offset"] is not None else np.zeros(channels, ct)
+    y3 = backends.get().infer_forward(
+        x3, vec["mean"], vec["variance"], vec["scale"], offset_v, epsilon, out=out3
+    )
+    return _finish(y3, x, out)
+
+
+def _generic_batch_normalization(x, params, epsilon, out):
+    """Parameters that vary along several axes: plain broadcasting, in float64."""
+    p = {name: (None if a is None else a.astype(np.float64)) for name, a in params}
+    inv = 1.0 / np.sqrt(p["variance"] + epsilon)
+    if p["scale"] is not None:
+        inv = inv * p["scale"]
+    y = (x.astype(np.float64) - p["mean"]) * inv
+    if p["offset"] is not None:
+        y = y + p["offset"]
+    y = y.astype(x.dtype)
+    if out is not None:
+        np.copyto(out, y)
+        return out
+    return y
+
+
+def bessel_factor(count):
+    """`n / (n - 1)`, and 1 for n <= 1, as TF's fused kernel corrects the variance."""
+    return count / (count - 1.0) if count > 1 else 1.0
+
+
+def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
+                     data_format="NHWC", is_training=True, name=None,
+                     exponential_avg_factor=1.0, out=None):
+    """Batch normalization in one call, as TF1's `tf.nn.fused_batch_norm`.
+
+    Args:
+      x: a float16/32/64 array of rank >= 2.
+      scale, offset: per-channel vectors (length C).
+      mean, variance: per-channel statistics; required for inference (and
+        when `exponential_avg_factor != 1`).
+      epsilon: added to the variance; raised to at least 1.001e-5 as TF1 did.
+      data_format: 'NHWC' (channels last) or 'NCHW' (channels second), for
+        any rank ('NDHWC'/'NCDHW' are accepted as aliases).
+      is_training: True to normalize with the batch statistics.
+      exponential_avg_factor: in training, the returned statistics are
+        `(1 - f) * given + f * batch` (f = 1: the batch statistics).
+      out: an array of x's shape and dtype to write the output into.
+
+    Returns:
+      `(y, mean, variance)`.  In training, the batch mean and the batch
+      variance with Bessel's correction (`n / (n - 1)`), as TF returns them
+      for moving averages; the output itself is normalized with the biased
+      variance.  In inference, the given statistics.  Statistics are float32
+      (float64 for float64 input).
+    """
+    x = as_float_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have rank >= 2, got shape {x.shape}")
+    axis = channel_axis(data_format, x.ndim)
+    channels = x.shape[axis]
+    if channels == 0:
+        raise ValueError(f"x has an empty channel dimension (shape {x.shape})")
+    epsilon = max(_check_epsilon(epsilon), FUSED_MIN_EPSILON)
+    if not isinstance(is_training, (bool, np.bool_)):
+        raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
+    factor = float(exponential_avg_factor)
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"exponential_avg_factor must be in [0, 1], got {factor}")
+    ct = compute_dtype(x.dtype)
+    scale_v = as_channel_vector(scale, channels, ct, "scale")
+    offset_v = as_channel_vector(offset, channels, ct, "offset")
+    needs_stats = not is_training or factor != 1.0
+    if needs_stats and (mean is None or variance is None):
+        raise ValueError(
+            "Both `mean` and `variance` must be a 1D tensor when `is_training` is False "
+            "or `exponential_avg_factor` != 1.0."
+        )
+    mean_v = None if mean is None else as_channel_vector(mean, channels, ct, "mean")
+    var_v = None if variance is None else as_channel_vector(variance, channels, ct, "variance")
+    if out is not None:
+        check_out(out, x)
+    x3 = channel_view(x, axis)
+    out3 = _out_view(out, axis)
+    backend = backends.get()
+    if not is_training:
+        y3 = backend.infer_forward(x3, mean_v, var_v, scale_v, offset_v, epsilon, out=out3)
+        return _finish(y3, x, out), mean_v, var_v
+    count = x3.shape[0] * x3.shape[2]
+    if count == 0:
+        raise ValueError(f"x has no elements per channel to compute batch statistics from "
+                         f"(shape {x.shape})")
+    y3, batch_mean, batch_var = backend.train_forward(x3, scale_v, offset_v, epsilon, out=out3)
+    batch_mean = np.asarray(batch_mean, ct)
+    batch_var = (np.asarray(batch_var, np.float64) * bessel_factor(count)).astype(ct)
+    if factor != 1.0:
+        batch_mean = ((1.0 - factor) * mean_v + factor * batch_mean).astype(ct)
+        batch_var = ((1.0 - factor) * var_v + factor * batch_var).astype(ct)
+    return _finish(y3, x, out), batch_mean, batch_var
+
+
+# --------------------------------------------------------------------------
+# activations (fastbn's own, with known derivatives)
+
+
+def relu(features, name=None):
+    """max(features, 0)."""
+    x = as_float_array(features, "features")
+    return np.maximum(x, x.dtype.type(0))
+
+
+def relu6(features, name=None):
+    """min(max(features, 0), 6)."""
+    x = as_float_array(features, "features")
+    return np.clip(x, x.dtype.type(0), x.dtype.type(6))
+
+
+def sigmoid(x, name=None):
+    """1 / (1 + exp(-x)), without overflow for large |x|."""
+    x = as_float_array(x, "x")
+    ct = compute_dtype(x.dtype)
+    xc = x.astype(ct, copy=False)
+    e = np.exp(-np.abs(xc))
+    y = np.where(xc >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return y.astype(x.dtype)
+
+
+def tanh(x, name=None):
+    x = as_float_array(x, "x")
+    return np.tanh(x)
+
+
+def elu(features, name=None):
+    """features if > 0, else exp(features) - 1."""
+    x = as_float_array(features, "features")
+    return np.where(x > 0, x, np.expm1(np.minimum(x, 0))).astype(x.dtype)
