@@ -1,0 +1,142 @@
+"""fastbn against TensorFlow: results recorded by tools/record_tf_fixtures.py.
+
+Each layer case replays the recorded steps: the same inputs, is_training
+values and update runs, then compares outputs and every variable after each
+step, the variable names and collections, and the number of update ops.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fastbn as fb
+from tf_cases import CUSTOM_UPDATES, decode, make_inputs
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _load(name):
+    with open(os.path.join(FIXTURES, f"{name}.json")) as f:
+        meta = json.load(f)
+    return meta, np.load(os.path.join(FIXTURES, f"{name}.npz"))
+
+
+LAYER, LAYER_ARRAYS = _load("tf_layer")
+NN, NN_ARRAYS = _load("tf_nn")
+ACTIVATIONS = {"relu": fb.nn.relu, "relu6": fb.nn.relu6, "tanh": fb.nn.tanh,
+               "sigmoid": fb.nn.sigmoid, "elu": fb.nn.elu}
+
+
+class _Lib:
+    constant_initializer = staticmethod(fb.constant_initializer)
+    l1_regularizer = staticmethod(fb.l1_regularizer)
+    l2_regularizer = staticmethod(fb.l2_regularizer)
+
+    @staticmethod
+    def adjustment(scale, bias):
+        return lambda shape: (scale, bias)
+
+
+def tolerance(dtype, tf_dtype=None):
+    """(rtol, atol) for comparing with TF: its sums run in another order."""
+    worst = "float16" if "float16" in (dtype, tf_dtype) else (tf_dtype or dtype)
+    return {"float16": (1e-2, 2e-2), "float32": (2e-5, 2e-5), "float64": (1e-9, 1e-9)}[worst]
+
+
+def _close(actual, expected, rtol, atol, what):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize("case", LAYER["cases"], ids=lambda c: c["id"])
+def test_layer_matches_tensorflow(case, backend):
+    kwargs = decode(case["kwargs"], _Lib, ACTIVATIONS)
+    expected = case["expected"]
+    training = case["training"]
+    is_training = training
+    if isinstance(training, list):
+        is_training = fb.Variable(True, trainable=False, name="is_training")
+    updates = kwargs.get("updates_collections", fb.GraphKeys.UPDATE_OPS)
+    update_keys = [] if updates is None else [updates] if isinstance(updates, str) else updates
+    rtol, atol = tolerance(case["dtype"], case.get("tf_dtype"))
+    graph = fb.get_default_graph()
+    for step in range(len(case["shapes"])):
+        x, w = make_inputs(case, step)
+        x_before = x.copy()
+        if isinstance(training, list):
+            is_training.assign(training[step])
+        kw = dict(kwargs)
+        if step:
+            kw["reuse"] = True
+        if case["batch_weights"]:
+            kw["batch_weights"] = w
+        ys = [fb.batch_norm(x, is_training=is_training, **kw)
+              for _ in range(case.get("layers", 1))]
+        np.testing.assert_array_equal(x, x_before, err_msg="the input was modified")
+        if step == 0:
+            assert [v.name for v in fb.global_variables()] == expected["variables"]
+            for key, names in expected["collections"].items():
+                assert [v.name for v in fb.get_collection(key)] == names, key
+            for key, count in expected["op_counts"].items():
+                assert len(fb.get_collection(key)) == count, key
+            for key in (fb.GraphKeys.UPDATE_OPS, CUSTOM_UPDATES):
+                assert len(fb.get_collection(key)) == expected["op_counts"].get(key, 0), key
+            assert ([loss.name for loss in fb.get_collection(fb.GraphKeys.REGULARIZATION_LOSSES)]
+                    == expected["regularization_losses"])
+        for key in update_keys:
+            fb.apply_updates(key)
+        for layer, y in enumerate(ys):
+            assert y.dtype == np.dtype(case["dtype"]) and y.shape == x.shape
+            _close(y, LAYER_ARRAYS[f"{case['id']}|y|{step}|{layer}"], rtol, atol,
+                   f"output of layer {layer}, step {step}")
+        for var in fb.global_variables():
+            ref = LAYER_ARRAYS[f"{case['id']}|var|{var.name}|{step}"]
+            if case.get("tf_dtype") is None:
+                assert var.dtype == ref.dtype, var.name
+            _close(var.numpy(), ref, rtol, atol, f"{var.name} after step {step}")
+        if expected["regularization_losses"]:
+            _close(fb.get_regularization_losses(), LAYER_ARRAYS[f"{case['id']}|reg|{step}"],
+                   rtol, atol, "regularization losses")
+    assert graph is fb.get_default_graph()
+
+
+def _nn_inputs(case):
+    prefix = f"{case['id']}|in|"
+    return {k[len(prefix):]: NN_ARRAYS[k] for k in NN_ARRAYS.files if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("case", NN["cases"], ids=lambda c: c["id"])
+def test_nn_op_matches_tensorflow(case, backend):
+    inputs = _nn_inputs(case)
+    before = {k: v.copy() for k, v in inputs.items()}
+    x = inputs["x"]
+    op = case["op"]
+    if op == "moments":
+        outs = fb.nn.moments(x, case["axes"], keep_dims=case["keepdims"])
+    elif op == "weighted_moments":
+        outs = fb.nn.weighted_moments(x, case["axes"], inputs["w"], keepdims=case["keepdims"])
+    elif op == "batch_normalization":
+        p = case["with_params"]
+        outs = [fb.nn.batch_normalization(x, inputs["mean"], inputs["variance"],
+                                          inputs["offset"] if p else None,
+                                          inputs["scale"] if p else None, case["epsilon"])]
+    else:
+        use_stats = not case["is_training"] or case["exponential_avg_factor"] != 1.0
+        outs = fb.nn.fused_batch_norm(
+            x, inputs["scale"], inputs["offset"],
+            mean=inputs["mean"] if use_stats else None,
+            variance=inputs["variance"] if use_stats else None,
+            epsilon=case["epsilon"], data_format=case["data_format"],
+            is_training=case["is_training"],
+            exponential_avg_factor=case["exponential_avg_factor"])
+    rtol, atol = tolerance(case["dtype"])
+    for i, out in enumerate(outs):
+        ref = NN_ARRAYS[f"{case['id']}|out|{i}"]
+        assert np.asarray(out).dtype == ref.dtype, f"output {i} dtype"
+        _close(out, ref, rtol, atol, f"output {i}")
+    for k, v in inputs.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=f"{k} was modified")

@@ -1,0 +1,261 @@
+"""The grid of batch_norm configurations checked against TensorFlow.
+
+Shared by the recorder (`tools/record_tf_fixtures.py`, run with TensorFlow)
+and the test suite (`tests/test_tf_fixtures.py`, run without it): each
+case is plain data, so both sides build the same call from it.
+
+A case is a dict:
+  id:            unique name
+  shapes:        the input shape of each step (the batch size may change)
+  dtype:         input dtype name
+  kwargs:        batch_norm arguments, in a serializable form (see `decode`)
+  training:      a bool constant, or a list of bools: an is_training
+                 Variable set to each value before its step
+  batch_weights: True to pass per-step batch weights
+  tf_dtype:      the dtype TensorFlow ran it in, where TF cannot run `dtype`
+  tf_kwargs:     overrides for the TF side (TF1 behaviour TF2 dropped)
+"""
+
+import itertools
+
+import numpy as np
+
+SCOPE = "bn"
+CUSTOM_UPDATES = "my_update_ops"
+
+
+def _shapes(rank, data_format, channels=3, batches=(4, 6, 3)):
+    spatial = {2: (), 3: (5,), 4: (4, 3), 5: (3, 2, 2)}[rank]
+    if data_format == "NHWC":
+        return [[b, *spatial, channels] for b in batches]
+    return [[b, channels, *spatial] for b in batches]
+
+
+def _param_shape(rank, data_format, channels=3):
+    """How an adjustment shapes its per-channel values: TF broadcasts them as given."""
+    if data_format == "NHWC":
+        return [channels]
+    return [1, channels] + [1] * (rank - 2)
+
+
+def _updates_kw(mode):
+    if mode == "default":
+        return {}
+    if mode == "inplace":
+        return {"updates_collections": None}
+    return {"updates_collections": [CUSTOM_UPDATES]}
+
+
+def _tf_runs(case):
+    """Whether TensorFlow 2.21 can run the case in its own dtype."""
+    kw = case["kwargs"]
+    if case["dtype"] != "float64":
+        return True
+    rank = len(case["shapes"][0])
+    fused = kw.get("fused")
+    updates_default = "updates_collections" not in kw
+    if kw.get("renorm"):
+        return False
+    possible = not case.get("batch_weights") and rank in (2, 4) and "adjustment" not in kw
+    slim_fused = fused is not False and possible and (
+        kw.get("zero_debias_moving_mean") or rank == 2 or not updates_default)
+    return not slim_fused
+
+
+def cases():
+    out = []
+
+    def add(case):
+        case.setdefault("training", True)
+        case.setdefault("batch_weights", False)
+        if not _tf_runs(case):
+            case["tf_dtype"] = "float32"
+        out.append(case)
+
+    # The path-selecting grid: fused x rank x format x dtype x updates x zero-debias.
+    for fused, rank, fmt, dtype, mode, zd in itertools.product(
+            (None, True, False), (2, 3, 4, 5), ("NHWC", "NCHW"),
+            ("float16", "float32", "float64"), ("default", "inplace", "custom"), (False, True)):
+        kw = {"scope": SCOPE, "data_format": fmt, "scale": True, "decay": 0.9,
+              **_updates_kw(mode)}
+        if fused is not None:
+            kw["fused"] = fused
+        if zd:
+            kw["zero_debias_moving_mean"] = True
+        add({"id": f"grid-f{fused}-r{rank}-{fmt}-{dtype}-{mode}-zd{int(zd)}",
+             "shapes": _shapes(rank, fmt), "dtype": dtype, "kwargs": kw})
+
+    # is_training as a Variable switched between steps, and constant False.
+    for (fused, rank, fmt, mode, zd), training in itertools.product(
+            [(None, 4, "NHWC", "default", False), (None, 4, "NCHW", "default", False),
+             (False, 4, "NHWC", "default", False), (None, 2, "NHWC", "default", False),
+             (None, 4, "NHWC", "inplace", False), (None, 4, "NCHW", "custom", False),
+             (False, 3, "NCHW", "inplace", False), (False, 4, "NHWC", "custom", True),
+             (None, 2, "NCHW", "inplace", True), (None, 5, "NHWC", "default", False)],
+            ([True, False, True, False], False)):
+        kw = {"scope": SCOPE, "data_format": fmt, "scale": True, "decay": 0.8,
+              **_updates_kw(mode)}
+        if fused is not None:
+            kw["fused"] = fused
+        if zd:
+            kw["zero_debias_moving_mean"] = True
+        tid = "var" if isinstance(training, list) else "false"
+        add({"id": f"training-{tid}-f{fused}-r{rank}-{fmt}-{mode}-zd{int(zd)}",
+             "shapes": _shapes(rank, fmt), "dtype": "float32", "kwargs": kw,
+             "training": training})
+
+    # Every other argument, on a configuration of each path.
+    paths = {
+        "slimfused": ({"updates_collections": None}, 4),
+        "core": ({}, 4),
+        "corenonfused": ({"fused": False}, 4),
+        "legacy": ({"updates_collections": [CUSTOM_UPDATES], "fused": False}, 4),
+        "rank2": ({}, 2),
+    }
+    features = {
+        "center0": {"center": False},
+        "center0-scale0": {"center": False, "scale": False},
+        "relu": {"activation_fn": "relu", "scale": True},
+        "relu6": {"activation_fn": "relu6"},
+        "tanh": {"activation_fn": "tanh"},
+        "sigmoid": {"activation_fn": "sigmoid"},
+        "elu": {"activation_fn": "elu"},
+        "init": {"scale": True, "param_initializers": {
+            "beta": ["constant", [0.5, -1.0, 2.0]], "gamma": ["constant", [1.5, 0.5, 2.0]],
+            "moving_mean": ["constant", [0.1, 0.2, 0.3]],
+            "moving_variance": ["constant", [2.0, 0.5, 1.0]]}},
+        "reg": {"scale": True, "param_regularizers": {"beta": ["l2", 0.1], "gamma": ["l1", 0.2]},
+                "param_initializers": {"beta": ["constant", [0.5, -1.0, 2.0]]}},
+        "reg-beta": {"param_regularizers": {"beta": ["l1", 0.3]},
+                     "param_initializers": {"beta": ["constant", [0.5, -1.0, 2.0]]}},
+        "untrainable": {"trainable": False, "scale": True},
+        "varcoll-list": {"scale": True, "variables_collections": ["my_vars"],
+                         "outputs_collections": ["my_outputs"]},
+        "varcoll-dict": {"scale": True, "variables_collections": {
+            "beta": ["betas"], "moving_mean": ["means", "stats"],
+            "moving_variance": ["stats"], "gamma": ["betas"]}},
+        "decay0": {"decay": 0.0},
+        "decay1": {"decay": 1.0},
+        "eps": {"epsilon": 0.5, "scale": True},
+        "eps-tiny": {"epsilon": 1e-8, "scale": True},
+        "inference": {"scale": True, "param_initializers": {
+            "moving_mean": ["constant", [0.1, 0.2, 0.3]],
+            "moving_variance": ["constant", [2.0, 0.5, 1.0]]}, "__training": False},
+    }
+    for (pname, (pkw, rank)), (fname, fkw) in itertools.product(paths.items(), features.items()):
+        for dtype in ("float32", "float16") if fname in ("relu", "init", "eps") else ("float32",):
+            fkw = dict(fkw)
+            training = fkw.pop("__training", True)
+            kw = {"scope": SCOPE, "decay": 0.9, **pkw, **fkw}
+            case = {"id": f"feature-{pname}-{fname}-{dtype}", "shapes": _shapes(rank, "NHWC"),
+                    "dtype": dtype, "kwargs": kw, "training": training}
+            if fname == "eps-tiny" and _is_fused(kw, rank):
+                # TF1's fused_batch_norm raised epsilon to 1.001e-5; TF 2 does not.
+                case["tf_kwargs"] = {"epsilon": 1.001e-5}
+            add(case)
+
+    # Batch weights (the legacy path), renorm, adjustment.
+    for rank, fmt, dtype, mode in itertools.product(
+            (2, 3, 4, 5), ("NHWC", "NCHW"), ("float16", "float32", "float64"),
+            ("default", "inplace", "custom")):
+        kw = {"scope": SCOPE, "data_format": fmt, "scale": True, "decay": 0.7,
+              **_updates_kw(mode)}
+        add({"id": f"weights-r{rank}-{fmt}-{dtype}-{mode}", "shapes": _shapes(rank, fmt),
+             "dtype": dtype, "kwargs": kw, "batch_weights": True})
+    add({"id": "weights-zd-training-var", "shapes": _shapes(4, "NCHW"), "dtype": "float32",
+         "kwargs": {"scope": SCOPE, "data_format": "NCHW", "decay": 0.7,
+                    "zero_debias_moving_mean": True},
+         "batch_weights": True, "training": [True, False, True]})
+    clippings = {"noclip": None, "clip": {"rmin": 0.9, "rmax": 1.1, "dmax": 0.05},
+                 "rmax": {"rmax": 1.05}}
+    for rank, fmt, dtype, (cname, clip) in itertools.product(
+            (2, 3, 4, 5), ("NHWC", "NCHW"), ("float16", "float32", "float64"),
+            clippings.items()):
+        kw = {"scope": SCOPE, "data_format": fmt, "scale": True, "renorm": True,
+              "renorm_decay": 0.6, "decay": 0.8,
+              "param_initializers": {"moving_variance": ["constant", [2.0, 0.5, 1.0]]}}
+        if clip is not None:
+            kw["renorm_clipping"] = clip
+        add({"id": f"renorm-r{rank}-{fmt}-{dtype}-{cname}", "shapes": _shapes(rank, fmt),
+             "dtype": dtype, "kwargs": kw})
+    add({"id": "renorm-training-var", "shapes": _shapes(4, "NHWC"), "dtype": "float32",
+         "kwargs": {"scope": SCOPE, "renorm": True, "renorm_decay": 0.5, "decay": 0.5,
+                    "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}},
+         "training": [True, False, True, True]})
+    for rank, fmt, dtype in itertools.product((2, 3, 4, 5), ("NHWC", "NCHW"),
+                                              ("float16", "float32", "float64")):
+        kw = {"scope": SCOPE, "data_format": fmt, "scale": True,
+              "param_initializers": {"beta": ["constant", [0.5, -1.0, 2.0]],
+                                     "gamma": ["constant", [1.5, 0.5, 2.0]]},
+              "adjustment": {"scale": [1.05, 0.95, 1.0], "bias": [0.1, -0.05, 0.0],
+                             "shape": _param_shape(rank, fmt)}}
+        add({"id": f"adjust-r{rank}-{fmt}-{dtype}", "shapes": _shapes(rank, fmt),
+             "dtype": dtype, "kwargs": kw})
+    add({"id": "adjust-training-var", "shapes": _shapes(4, "NCHW"), "dtype": "float32",
+         "kwargs": {"scope": SCOPE, "data_format": "NCHW", "renorm": True,
+                    "adjustment": {"scale": [1.05, 0.95, 1.0], "bias": [0.1, -0.05, 0.0],
+                                   "shape": _param_shape(4, "NCHW")}},
+         "training": [True, False, True]})
+
+    # Default scope names and a second layer beside the first.
+    for pname, (pkw, rank) in paths.items():
+        add({"id": f"noscope-{pname}", "shapes": _shapes(rank, "NHWC")[:1], "dtype": "float32",
+             "kwargs": {**pkw, "scale": True}, "layers": 2})
+    ids = [c["id"] for c in out]
+    assert len(ids) == len(set(ids)), "case ids must be unique"
+    return out
+
+
+def _is_fused(kw, rank):
+    fused = kw.get("fused")
+    if fused is False:
+        return False
+    if "updates_collections" not in kw and rank in (4, 5):
+        return True  # the core layer fuses
+    return rank in (2, 4)
+
+
+def decode(kwargs, lib, activations):
+    """Turns a case's serializable kwargs into real arguments.
+
+    `lib` supplies `constant_initializer`, `l1_regularizer`, `l2_regularizer`
+    and `adjustment(scale, bias)`; `activations` maps names to functions.
+    """
+    kw = dict(kwargs)
+    if "param_initializers" in kw:
+        kw["param_initializers"] = {
+            k: lib.constant_initializer(v[1]) for k, v in kw["param_initializers"].items()}
+    if "param_regularizers" in kw:
+        kw["param_regularizers"] = {
+            k: (lib.l1_regularizer if v[0] == "l1" else lib.l2_regularizer)(v[1])
+            for k, v in kw["param_regularizers"].items()}
+    if "activation_fn" in kw:
+        kw["activation_fn"] = activations[kw["activation_fn"]]
+    if "adjustment" in kw:
+        adj = kw["adjustment"]
+        kw["adjustment"] = lib.adjustment(np.reshape(adj["scale"], adj["shape"]),
+                                          np.reshape(adj["bias"], adj["shape"]))
+    return kw
+
+
+def make_inputs(case, step, dtype=None):
+    """Deterministic inputs of one step: per-channel means and scales that differ."""
+    shape = case["shapes"][step]
+    rng = np.random.RandomState(abs(hash_id(case["id"])) % (2**31) + step)
+    fmt = case["kwargs"].get("data_format", "NHWC")
+    axis = 1 if fmt == "NCHW" else len(shape) - 1
+    bshape = [1] * len(shape)
+    bshape[axis] = shape[axis]
+    loc = rng.uniform(-3, 3, bshape)
+    scale = rng.uniform(0.5, 2.5, bshape)
+    x = (rng.standard_normal(shape) * scale + loc).astype(dtype or case["dtype"])
+    weights = rng.uniform(0.0, 2.0, shape[0]).astype(dtype or case["dtype"])
+    return x, weights
+
+
+def hash_id(text):
+    """A stable string hash (Python's own is salted per process)."""
+    h = 2166136261
+    for ch in text.encode():
+        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
+    return h
