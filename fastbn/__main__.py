@@ -1,0 +1,67 @@
+"""`python -m fastbn info` and `python -m fastbn bench`."""
+
+import argparse
+import os
+import platform
+import sys
+
+import numpy as np
+
+import fastbn
+
+
+def info(args):
+    print(f"fastbn {fastbn.__version__} (numpy {np.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()})")
+    env = os.environ.get(fastbn.backends.ENV_VAR)
+    try:
+        chosen = fastbn.backends.get().name
+    except Exception as err:  # an unknown FASTBN_BACKEND still lets info report it
+        chosen = f"error: {err}"
+    print(f"backend: {chosen}  ({fastbn.backends.ENV_VAR}={env or '<unset>, auto'})")
+    print(f"cores this process may use: {_cores()}")
+    print("backends:")
+    for name, reason in fastbn.backends.status().items():
+        if reason is None:
+            backend = fastbn.backends.get(name)
+            detail = f"{backend.description}; threads: {backend.threads()}"
+            print(f"  {name:<12} works   {detail}")
+        else:
+            print(f"  {name:<12} no      {reason}")
+    return 0
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def bench(args):
+    from . import bench as bench_module
+
+    return bench_module.main(args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("info", help="version, backends and whether they work here, threads")
+    b = sub.add_parser("bench", help="time batch norm on realistic shapes on every backend")
+    b.add_argument("--quick", action="store_true", help="a run of a few seconds")
+    b.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    b.add_argument("--backends", default=None,
+                   help="comma-separated backends to time (default: all that work)")
+    b.add_argument("--json", dest="json_path", default=None, help="write the raw figures here")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info(args)
+    if args.command == "bench":
+        return bench(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
