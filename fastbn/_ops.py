@@ -8,6 +8,7 @@ every operation of a collection, the eager stand-in for
 `tf.control_dependencies(update_ops)`.
 """
 
+import sys
 import warnings
 
 from ._graph import GraphKeys, get_default_graph
@@ -107,7 +108,17 @@ class UpdateTracker:
 def _warn_once(graph, key, message):
     if key not in graph._warned:
         graph._warned.add(key)
-        warnings.warn(message, UpdateOpsWarning, stacklevel=4)
+        warnings.warn(message, UpdateOpsWarning, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel():
+    """The stacklevel of the first frame outside fastbn: the warning points at user code."""
+    frame = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("fastbn."):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _flatten(fetches, out):

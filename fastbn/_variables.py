@@ -79,7 +79,8 @@ class Variable(NDArrayOperatorsMixin):
 
     `.name` reads as TF prints it (`'bn/moving_mean:0'`), `.numpy()` returns a
     copy of the value, `.assign(value)` replaces it.  A Variable takes part in
-    NumPy arithmetic with its current value.
+    NumPy arithmetic with its current value; `==` compares identity, as TF1's
+    variables do.
     """
 
     __slots__ = ("_value", "_op_name", "_trainable", "__weakref__")
@@ -176,6 +177,16 @@ class Variable(NDArrayOperatorsMixin):
             if any(isinstance(o, Variable) for o in kwargs["out"]):
                 raise TypeError("a fastbn.Variable cannot be an ufunc output; use assign()")
         return getattr(ufunc, method)(*inputs, **kwargs)
+
+    # Identity comparison and hashing, as TF1's Variables: `v in collection` and dict keys
+    # work; use np.equal(v, w) for an elementwise comparison.
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    __hash__ = object.__hash__
 
     def __bool__(self):
         if self._value.size != 1:

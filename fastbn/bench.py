@@ -119,9 +119,12 @@ def _progress(done, total, name):
 
 def main(args):
     names = args.backends.split(",") if args.backends else None
-    if names:
-        for name in names:
+    try:
+        for name in names or ():
             fastbn.backends.get(name)  # unknown or unavailable: a clear error now
+    except (ValueError, fastbn.backends.BackendUnavailable) as err:
+        print(f"python -m fastbn bench: {err}", file=sys.stderr)
+        return 2
     results = run(names, quick=args.quick, repeats=args.repeats, progress=_progress)
     print(table(results))
     if args.json_path:

@@ -156,6 +156,8 @@ def _keepdims(keep_dims, keepdims):
 def _normalize_axes(axes, ndim):
     if isinstance(axes, (numbers.Integral, np.integer)):
         axes = [axes]
+    if isinstance(axes, (str, bytes)):
+        raise TypeError(f"axes must be an int or a list of ints, got {axes!r}")
     try:
         axes = [int(a) for a in axes]
     except TypeError:

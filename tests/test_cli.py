@@ -1,0 +1,48 @@
+"""`python -m fastbn info` and `python -m fastbn bench`."""
+
+import json
+import subprocess
+import sys
+
+import fastbn
+from fastbn import bench
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "fastbn", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_info_lists_every_backend_and_why_not():
+    result = _run("info")
+    assert result.returncode == 0, result.stderr
+    assert f"fastbn {fastbn.__version__}" in result.stdout
+    for name, reason in fastbn.backends.status().items():
+        assert name in result.stdout
+        if reason:
+            assert reason in result.stdout
+
+
+def test_bench_quick_writes_every_case_and_backend(tmp_path):
+    path = tmp_path / "bench.json"
+    result = _run("bench", "--quick", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(path.read_text())
+    seen = {(r["case"], r["backend"], r["op"]) for r in data["results"]}
+    for case, _, _ in bench.QUICK_CASES:
+        for backend in fastbn.backends.available():
+            for op in ("train", "infer", "layer"):
+                assert (case, backend, op) in seen
+    assert all(r["median_ms"] > 0 for r in data["results"])
+    assert "median ms" in result.stdout
+
+
+def test_bench_unknown_backend_is_a_clear_error():
+    result = _run("bench", "--quick", "--backends", "nope")
+    assert result.returncode != 0
+    assert "unknown fastbn backend 'nope'" in result.stderr
+
+
+def test_no_command_prints_help():
+    result = _run()
+    assert result.returncode == 2 and "bench" in result.stdout

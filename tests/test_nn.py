@@ -1,0 +1,272 @@
+"""fastbn.nn on every backend: against float64 NumPy references, and its argument checks."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import fastbn as fb
+from fastbn import nn
+
+FLOATS = [np.float16, np.float32, np.float64]
+RTOL = {np.float16: 2e-2, np.float32: 2e-5, np.float64: 1e-10}
+
+
+def _data(shape, dtype=np.float32, loc=1.0, scale=2.0, seed=0):
+    return (np.random.RandomState(seed).randn(*shape) * scale + loc).astype(dtype)
+
+
+def _ref_moments(x, axes):
+    x64 = x.astype(np.float64)
+    return x64.mean(axis=tuple(axes)), x64.var(axis=tuple(axes))
+
+
+shapes = hnp.array_shapes(min_dims=2, max_dims=5, min_side=1, max_side=5)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=shapes, data=st.data(), dtype=st.sampled_from(FLOATS))
+def test_moments_match_float64_reference(backend, shape, data, dtype):
+    axes = data.draw(st.lists(st.integers(0, len(shape) - 1), unique=True, max_size=len(shape)))
+    x = _data(shape, dtype, seed=data.draw(st.integers(0, 1000)))
+    mean, var = nn.moments(x, axes)
+    ref_mean, ref_var = _ref_moments(x, axes)
+    assert mean.dtype == dtype and mean.shape == ref_mean.shape
+    np.testing.assert_allclose(mean, ref_mean, rtol=RTOL[dtype], atol=RTOL[dtype])
+    np.testing.assert_allclose(var, ref_var, rtol=RTOL[dtype], atol=RTOL[dtype])
+
+
+def test_moments_keepdims_and_negative_axes(backend):
+    x = _data((3, 4, 5))
+    mean, var = nn.moments(x, [0, -1], keep_dims=True)
+    assert mean.shape == (1, 4, 1)
+    mean2, _ = nn.moments(x, [0, 2], keepdims=True)
+    np.testing.assert_array_equal(mean, mean2)
+    with pytest.raises(ValueError, match="both"):
+        nn.moments(x, [0], keep_dims=True, keepdims=True)
+    with pytest.raises(ValueError, match="out of range"):
+        nn.moments(x, [3])
+    with pytest.raises(ValueError, match="twice"):
+        nn.moments(x, [0, -3])
+    with pytest.raises(TypeError, match="axes"):
+        nn.moments(x, "0")
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=shapes, data=st.data(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_weighted_moments_match_reference(backend, shape, data, dtype):
+    axes = data.draw(st.lists(st.integers(0, len(shape) - 1), unique=True, min_size=1,
+                              max_size=len(shape)))
+    x = _data(shape, dtype)
+    per_position = data.draw(st.booleans())
+    wshape = [s if (per_position or i == 0) else 1 for i, s in enumerate(shape)]
+    w = np.random.RandomState(1).uniform(0, 2, wshape)
+    mean, var = nn.weighted_moments(x, axes, w)
+    wb = np.broadcast_to(w, shape)
+    total = wb.sum(axis=tuple(axes))
+    ref_mean = (wb * x).sum(axis=tuple(axes)) / total
+    centered = x - np.expand_dims(ref_mean, tuple(axes))
+    ref_var = (wb * centered ** 2).sum(axis=tuple(axes)) / total
+    np.testing.assert_allclose(mean, ref_mean, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10)
+    np.testing.assert_allclose(var, ref_var, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10)
+
+
+def test_weighted_moments_zero_weights_give_zero(backend):
+    x = _data((4, 3))
+    mean, var = nn.weighted_moments(x, [0], np.zeros((4, 1)))
+    assert mean.tolist() == [0, 0, 0] and var.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="frequency_weights"):
+        nn.weighted_moments(x, [0], np.ones(4))  # (4,) aligns with the channels, not the batch
+    with pytest.raises(TypeError, match="frequency_weights"):
+        nn.weighted_moments(x, [0], np.array(["a"]))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 5, 3), (2, 3, 4, 3), (2, 3, 2, 2, 3)])
+def test_fused_batch_norm_training(backend, dtype, data_format, shape):
+    x = _data(shape, dtype, loc=3.0)
+    axis = 1 if data_format == "NCHW" else len(shape) - 1
+    c = shape[axis]
+    scale = np.linspace(0.5, 2.0, c).astype(np.float32)
+    offset = np.linspace(-1.0, 1.0, c).astype(np.float32)
+    y, mean, var = nn.fused_batch_norm(x, scale, offset, epsilon=0.01, data_format=data_format)
+    axes = tuple(a for a in range(len(shape)) if a != axis)
+    ref_mean, ref_var = _ref_moments(x, axes)
+    n = x.size // c
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    ref_y = ((x.astype(np.float64) - ref_mean.reshape(bshape)) / np.sqrt(ref_var.reshape(bshape)
+             + 0.01) * scale.reshape(bshape) + offset.reshape(bshape))
+    assert y.dtype == dtype and y.shape == x.shape
+    assert mean.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    np.testing.assert_allclose(y, ref_y, rtol=RTOL[dtype], atol=RTOL[dtype] * 5)
+    np.testing.assert_allclose(mean, ref_mean, rtol=RTOL[dtype], atol=RTOL[dtype])
+    np.testing.assert_allclose(var, ref_var * n / (n - 1), rtol=RTOL[dtype] * 5)
+
+
+def test_fused_batch_norm_inference_and_average_factor(backend):
+    x = _data((4, 2, 3, 5))
+    scale, offset = np.full(5, 2.0), np.full(5, 0.5)
+    mean, var = np.linspace(0, 1, 5), np.linspace(1, 2, 5)
+    y, m, v = nn.fused_batch_norm(x, scale, offset, mean, var, epsilon=0.1, is_training=False)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 0.1) * 2.0 + 0.5, rtol=1e-5)
+    np.testing.assert_array_equal(m, mean.astype(np.float32))
+    _, bm, bv = nn.fused_batch_norm(x, scale, offset)
+    _, am, av = nn.fused_batch_norm(x, scale, offset, mean, var, exponential_avg_factor=0.25)
+    np.testing.assert_allclose(am, 0.75 * mean + 0.25 * bm, rtol=1e-6)
+    np.testing.assert_allclose(av, 0.75 * var + 0.25 * bv, rtol=1e-6)
+    with pytest.raises(ValueError, match="mean.*variance"):
+        nn.fused_batch_norm(x, scale, offset, is_training=False)
+
+
+def test_fused_epsilon_floor_is_tf1s(backend):
+    x = _data((8, 3))
+    ones, zeros = np.ones(3), np.zeros(3)
+    tiny, _, _ = nn.fused_batch_norm(x, ones, zeros, epsilon=1e-9)
+    floor, _, _ = nn.fused_batch_norm(x, ones, zeros, epsilon=1.001e-5)
+    np.testing.assert_array_equal(tiny, floor)
+    plain = nn.batch_normalization(x, x.mean(0), x.var(0), None, None, 1e-9)
+    assert not np.array_equal(plain, floor)
+
+
+def test_single_element_batch_has_zero_variance(backend):
+    _, mean, var = nn.fused_batch_norm(np.array([[1.0, 2.0]], np.float32), [1, 1], [0, 0])
+    assert var.tolist() == [0, 0] and mean.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_out_buffer(backend, dtype):
+    x = _data((4, 3, 2, 5), dtype)
+    out = np.empty_like(x)
+    y, _, _ = nn.fused_batch_norm(x, np.ones(5), np.zeros(5), out=out)
+    assert y is out
+    ref, _, _ = nn.fused_batch_norm(x, np.ones(5), np.zeros(5))
+    np.testing.assert_array_equal(out, ref)
+    out_nc = np.empty((4, 3, 2, 10), dtype)[..., ::2]  # a non-contiguous buffer works too
+    y2 = nn.batch_normalization(x, 0.5, 2.0, None, None, 0.0, out=out_nc)
+    assert y2 is out_nc
+    np.testing.assert_allclose(out_nc, (x.astype(np.float64) - 0.5) / np.sqrt(2.0),
+                               rtol=RTOL[dtype], atol=RTOL[dtype])
+    inplace = x.copy()
+    nn.fused_batch_norm(inplace, np.ones(5), np.zeros(5), out=inplace)
+    np.testing.assert_array_equal(inplace, ref)
+
+
+def test_out_buffer_checks():
+    x = _data((4, 3))
+    with pytest.raises(ValueError, match="out must have the input's shape"):
+        nn.fused_batch_norm(x, np.ones(3), np.zeros(3), out=np.empty((3, 4), np.float32))
+    with pytest.raises(TypeError, match="out must have the input's dtype"):
+        nn.fused_batch_norm(x, np.ones(3), np.zeros(3), out=np.empty((4, 3)))
+    with pytest.raises(TypeError, match="out must be a NumPy array"):
+        nn.fused_batch_norm(x, np.ones(3), np.zeros(3), out=[0])
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        nn.fused_batch_norm(x, np.ones(3), np.zeros(3), out=ro)
+
+
+def test_any_strides(backend):
+    base = _data((6, 8, 10))
+    x = base[::2, 1::2, ::-3]  # non-contiguous, negative strides
+    assert not x.flags.c_contiguous
+    y, mean, var = nn.fused_batch_norm(x, np.ones(x.shape[-1]), np.zeros(x.shape[-1]))
+    yc, mc, vc = nn.fused_batch_norm(np.ascontiguousarray(x), np.ones(x.shape[-1]),
+                                     np.zeros(x.shape[-1]))
+    np.testing.assert_allclose(y, yc, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mean, mc, rtol=1e-6)
+    n = x.size // x.shape[-1]
+    _, biased = nn.moments(x, [0, 1])
+    np.testing.assert_allclose(biased, vc * (n - 1) / n, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accurate_when_mean_dwarfs_std(backend, dtype):
+    x = _data((64, 8, 8, 4), dtype, loc=1e4, scale=1.0, seed=3)
+    ref_mean, ref_var = _ref_moments(x, (0, 1, 2))
+    mean, var = nn.moments(x, [0, 1, 2])
+    np.testing.assert_allclose(var, ref_var, rtol=1e-3)
+    y, _, _ = nn.fused_batch_norm(x, np.ones(4), np.zeros(4), epsilon=0.0)
+    ref_y = (x.astype(np.float64) - ref_mean) / np.sqrt(ref_var + 1.001e-5)
+    np.testing.assert_allclose(y, ref_y, atol=2e-3)
+    bn = nn.batch_normalization(x, ref_mean, ref_var, None, None, 0.0)
+    np.testing.assert_allclose(bn, (x.astype(np.float64) - ref_mean) / np.sqrt(ref_var),
+                               atol=2e-3)
+
+
+def test_batch_normalization_broadcast_layouts(backend):
+    x = _data((3, 4, 2, 5))
+    for shape in [(5,), (1, 4, 1, 1), (4, 1, 1), ()]:
+        p = np.random.RandomState(2).uniform(0.5, 1.5, shape)
+        y = nn.batch_normalization(x, p, p, p, p, 0.01)
+        ref = (x.astype(np.float64) - p) / np.sqrt(p + 0.01) * p + p
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    mixed = np.random.RandomState(3).uniform(0.5, 1.5, (4, 1, 5))  # varies along two axes
+    y = nn.batch_normalization(x, mixed, mixed, None, None, 0.01)
+    np.testing.assert_allclose(y, (x - mixed) / np.sqrt(mixed + 0.01), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="broadcast"):
+        nn.batch_normalization(x, np.ones(3), 1.0, None, None, 0.0)
+    with pytest.raises(TypeError, match="mean and variance"):
+        nn.batch_normalization(x, None, 1.0, None, None, 0.0)
+    with pytest.raises(ValueError, match="variance_epsilon"):
+        nn.batch_normalization(x, 0.0, 1.0, None, None, -1.0)
+
+
+@pytest.mark.parametrize("bad,error", [([1, 2], ValueError), ("a", TypeError),
+                                       (np.ones((2, 2)), ValueError)])
+def test_fused_batch_norm_parameter_checks(bad, error):
+    x = _data((4, 3))
+    with pytest.raises(error, match="scale"):
+        nn.fused_batch_norm(x, bad, np.zeros(3))
+    with pytest.raises(ValueError, match="data_format"):
+        nn.fused_batch_norm(x, np.ones(3), np.zeros(3), data_format="HWCN")
+    with pytest.raises(ValueError, match="rank"):
+        nn.fused_batch_norm(np.ones(3, np.float32), np.ones(3), np.zeros(3))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        nn.fused_batch_norm(np.ones((3, 3), np.int32), np.ones(3), np.zeros(3))
+    with pytest.raises(ValueError, match="exponential_avg_factor"):
+        nn.fused_batch_norm(x, np.ones(3), np.zeros(3), exponential_avg_factor=2.0)
+    with pytest.raises(TypeError, match="is_training"):
+        nn.fused_batch_norm(x, np.ones(3), np.zeros(3), is_training="no")
+    with pytest.raises(ValueError, match="no elements"):
+        nn.fused_batch_norm(np.zeros((0, 3), np.float32), np.ones(3), np.zeros(3))
+
+
+def test_nothing_the_caller_owns_is_modified(backend):
+    x = _data((4, 3, 2, 5))
+    params = [np.ones(5), np.zeros(5), np.full(5, 0.1), np.full(5, 2.0)]
+    copies = [x.copy()] + [p.copy() for p in params]
+    nn.fused_batch_norm(x, *params[:2])
+    nn.fused_batch_norm(x, *params, is_training=False)
+    nn.batch_normalization(x, params[2], params[3], params[1], params[0], 0.1)
+    nn.moments(x, [0, 1, 2])
+    nn.weighted_moments(x, [0, 1, 2], np.ones((4, 1, 1, 1)))
+    for after, before in zip([x] + params, copies):
+        np.testing.assert_array_equal(after, before)
+
+
+def test_activations():
+    x = np.array([-2.0, -0.5, 0.0, 0.5, 7.0], np.float32)
+    np.testing.assert_array_equal(nn.relu(x), [0, 0, 0, 0.5, 7])
+    np.testing.assert_array_equal(nn.relu6(x), [0, 0, 0, 0.5, 6])
+    np.testing.assert_allclose(nn.sigmoid(x), 1 / (1 + np.exp(-x.astype(np.float64))), rtol=1e-6)
+    assert nn.sigmoid(np.array([-1000.0, 1000.0])).tolist() == [0.0, 1.0]
+    np.testing.assert_allclose(nn.tanh(x), np.tanh(x))
+    np.testing.assert_allclose(nn.elu(x), np.where(x > 0, x, np.expm1(x)), rtol=1e-6)
+    for fn in (nn.relu, nn.relu6, nn.sigmoid, nn.tanh, nn.elu):
+        assert fn(x).dtype == np.float32
+
+
+def test_python_lists_are_float32():
+    mean, var = nn.moments([[1.0, 2.0], [3.0, 4.0]], [0])
+    assert mean.dtype == np.float32 and mean.tolist() == [2.0, 3.0]
+
+
+def test_variables_are_accepted_as_arrays(backend):
+    v = fb.Variable(_data((4, 3)))
+    mean, _ = nn.moments(v, [0])
+    np.testing.assert_allclose(mean, v.numpy().mean(0), rtol=1e-6)
