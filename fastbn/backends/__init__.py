@@ -62,6 +62,7 @@ def _builtin_factory(module_name):
 
 # name -> (module, priority for auto)
 _BUILTINS = {
+    "cython": ("cython_backend", 100),
     "numpy": ("numpy_backend", 0),
 }
 

@@ -1,0 +1,1 @@
+"""Compiled kernels (Cython + OpenMP); see _kernels.pxi."""

@@ -1,0 +1,644 @@
+# The batch-norm kernels, compiled twice by setup.py: once for baseline x86-64
+# (kernels_baseline.pyx) and once with AVX2/FMA (kernels_avx2.pyx); the backend picks
+# one at run time.  Everything below the `def` wrappers is plain C: no Python
+# objects, the GIL released, OpenMP threads over fixed blocks.
+#
+# Data comes as a C-contiguous (N, C, M) channel view (fastbn/backends/base.py).
+# Two layouts get their own loops: "rows" (M == 1: NHWC and 2-D data, vectorised
+# across channels) and "runs" (M > 1: NCHW, vectorised along each contiguous run).
+#
+# Statistics: the reduction domain of every channel is cut into blocks fixed by the
+# shape alone (never by the thread count).  Each block is reduced in one pass of
+# shifted sums, sum(d) and sum(d*d) with d = x - (the block's first value), so the
+# data streams from memory once.  Where that shift sits far from the block's mean
+# (more than ILL_CONDITIONED variances away, which costs digits), the block is
+# reduced again in two passes while it is still in cache: its mean, then sums
+# centred on it.  Inner sums run in the data type over short stretches and are
+# flushed into float64.  Blocks are then merged per channel, in block order, with
+# Chan's formula in float64.  Same bits for any thread count; accurate when
+# |mean| >> std.
+
+import numpy as np
+cimport numpy as cnp
+from cython.parallel cimport prange, parallel
+from libc.math cimport sqrt
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int fastbn_omp_max_threads(void) { return omp_get_max_threads(); }
+    static int fastbn_have_openmp(void) { return 1; }
+    #else
+    static int fastbn_omp_max_threads(void) { return 1; }
+    static int fastbn_have_openmp(void) { return 0; }
+    #endif
+    """
+    int fastbn_omp_max_threads() noexcept nogil
+    int fastbn_have_openmp() noexcept nogil
+
+ctypedef fused floating:
+    float
+    double
+
+# Elements per statistics block: small enough to stay in L2 between its two passes.
+DEF BLOCK = 16384
+# Inner sums in the data type run over this many rows (rows layout) or 8-lane steps
+# (runs layout) before they are flushed into float64.
+DEF FLUSH = 64
+# Below this many elements the kernels stay on one thread: forking costs more.
+DEF SERIAL_BELOW = 65536
+# Channels per block in the rows layout.
+DEF CHANNEL_TILE = 512
+# A block whose shift is more than sqrt(this) standard deviations from its mean
+# is reduced again, centred on its mean.
+DEF ILL_CONDITIONED = 64.0
+
+
+def openmp_enabled():
+    """True when the extension was compiled with OpenMP."""
+    return bool(fastbn_have_openmp())
+
+
+def omp_max_threads():
+    """OpenMP's current thread limit (OMP_NUM_THREADS, threadpoolctl)."""
+    return fastbn_omp_max_threads()
+
+
+cdef inline int _threads(Py_ssize_t size, int n_threads) noexcept nogil:
+    if size < SERIAL_BELOW or n_threads < 1:
+        return 1
+    return n_threads
+
+
+# ---------------------------------------------------------------------------
+# block geometry (a function of the shape only)
+
+cdef struct Geometry:
+    Py_ssize_t N, C, M
+    # rows layout: row tiles x channel tiles
+    Py_ssize_t row_tile, n_row_tiles, channel_tile, n_channel_tiles
+    # runs layout: per channel, groups of whole runs, or chunks of one run
+    Py_ssize_t runs_per_block, chunk, chunks_per_run, n_groups
+    Py_ssize_t blocks_per_channel
+
+
+cdef Geometry _geometry(Py_ssize_t N, Py_ssize_t C, Py_ssize_t M) noexcept nogil:
+    cdef Geometry g
+    memset(&g, 0, sizeof(Geometry))
+    g.N = N
+    g.C = C
+    g.M = M
+    if M == 1:
+        g.channel_tile = C if C < CHANNEL_TILE else CHANNEL_TILE
+        g.n_channel_tiles = (C + g.channel_tile - 1) // g.channel_tile
+        g.row_tile = BLOCK // g.channel_tile
+        if g.row_tile < 1:
+            g.row_tile = 1
+        g.n_row_tiles = (N + g.row_tile - 1) // g.row_tile
+        g.blocks_per_channel = g.n_row_tiles
+    else:
+        if M >= BLOCK:
+            g.runs_per_block = 1
+            g.chunk = BLOCK
+            g.chunks_per_run = (M + BLOCK - 1) // BLOCK
+        else:
+            g.runs_per_block = BLOCK // M
+            g.chunk = M
+            g.chunks_per_run = 1
+        g.n_groups = (N + g.runs_per_block - 1) // g.runs_per_block
+        g.blocks_per_channel = g.n_groups * g.chunks_per_run
+    return g
+
+
+# ---------------------------------------------------------------------------
+# per-block statistics, rows layout (x[n*C + c])
+
+cdef bint _shifted_moments(double n, double shift, double s1, double s2, double* mean,
+                           double* m2) noexcept nogil:
+    """Mean and M2 from sums shifted by `shift`; False when the shift cost too many digits."""
+    cdef double m = s1 / n
+    cdef double var = s2 / n - m * m
+    mean[0] = shift + m
+    m2[0] = s2 - s1 * m
+    if m2[0] < 0.0:
+        m2[0] = 0.0
+    return not (m * m > ILL_CONDITIONED * var)
+
+
+cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
+                      Py_ssize_t c0, Py_ssize_t w, floating* f1, floating* f2,
+                      double* d1, double* d2, double* mean, double* m2) noexcept nogil:
+    """Mean and M2 of rows r0..r1, channels c0..c0+w, into mean[c], m2[c]."""
+    cdef Py_ssize_t r, j, r_end
+    cdef const floating* row
+    cdef const floating* first = x + r0 * C + c0
+    cdef double n = <double>(r1 - r0)
+    cdef floating v
+    cdef floating* s1 = f1
+    cdef floating* s2 = f2
+    cdef bint ok = True
+    for j in range(w):
+        d1[j] = 0.0
+        d2[j] = 0.0
+    r = r0
+    while r < r1:
+        r_end = r + FLUSH if r + FLUSH < r1 else r1
+        for j in range(w):
+            s1[j] = 0
+            s2[j] = 0
+        while r < r_end:
+            row = x + r * C + c0
+            for j in range(w):
+                v = row[j] - first[j]
+                s1[j] += v
+                s2[j] += v * v
+            r += 1
+        for j in range(w):
+            d1[j] += s1[j]
+            d2[j] += s2[j]
+    for j in range(w):
+        if not _shifted_moments(n, <double>first[j], d1[j], d2[j], mean + j, m2 + j):
+            ok = False
+    if not ok:
+        _rows_block_two_pass(x, C, r0, r1, c0, w, f1, f2, d1, d2, mean, m2)
+
+
+cdef void _rows_block_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
+                               Py_ssize_t c0, Py_ssize_t w, floating* f1, floating* f2,
+                               double* d1, double* d2, double* mean,
+                               double* m2) noexcept nogil:
+    """`_rows_block` centred on the block's mean: exact whatever the data's offset."""
+    cdef Py_ssize_t r, j, r_end
+    cdef const floating* row
+    cdef const floating* first = x + r0 * C + c0
+    cdef double n = <double>(r1 - r0)
+    cdef floating v
+    # Pass 1: sum of x - (first row), for a centre.
+    for j in range(w):
+        d1[j] = 0.0
+    r = r0
+    while r < r1:
+        r_end = r + FLUSH if r + FLUSH < r1 else r1
+        for j in range(w):
+            f1[j] = 0
+        while r < r_end:
+            row = x + r * C + c0
+            for j in range(w):
+                f1[j] += row[j] - first[j]
+            r += 1
+        for j in range(w):
+            d1[j] += f1[j]
+    for j in range(w):
+        mean[j] = first[j] + d1[j] / n
+        d1[j] = 0.0
+        d2[j] = 0.0
+        # The centre as the data type sees it: f1 holds it during pass 2.
+        f1[j] = <floating>mean[j]
+    # Pass 2: sum(d) and sum(d*d) with d = x - centre; M2 = sum(d*d) - sum(d)^2 / n.
+    cdef floating* s1 = f2
+    cdef floating* s2 = f2 + w
+    r = r0
+    while r < r1:
+        r_end = r + FLUSH if r + FLUSH < r1 else r1
+        for j in range(w):
+            s1[j] = 0
+            s2[j] = 0
+        while r < r_end:
+            row = x + r * C + c0
+            for j in range(w):
+                v = row[j] - f1[j]
+                s1[j] += v
+                s2[j] += v * v
+            r += 1
+        for j in range(w):
+            d1[j] += s1[j]
+            d2[j] += s2[j]
+    for j in range(w):
+        mean[j] = <double>f1[j] + d1[j] / n
+        m2[j] = d2[j] - d1[j] * d1[j] / n
+        if m2[j] < 0.0:
+            m2[j] = 0.0
+
+
+cdef void _rows_block_weighted(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
+                               Py_ssize_t c0, Py_ssize_t w, const floating* wt,
+                               Py_ssize_t ws_n, Py_ssize_t ws_c,
+                               double* d0, double* d1, double* d2,
+                               double* count, double* mean, double* m2) noexcept nogil:
+    """Weighted mean and M2 of a rows block (weights wt[n*ws_n + c*ws_c] >= 0)."""
+    cdef Py_ssize_t r, j
+    cdef const floating* row
+    cdef const floating* wrow
+    cdef const floating* first = x + r0 * C + c0
+    cdef double v, a
+    for j in range(w):
+        d0[j] = 0.0
+        d1[j] = 0.0
+    for r in range(r0, r1):
+        row = x + r * C + c0
+        wrow = wt + r * ws_n + c0 * ws_c
+        for j in range(w):
+            a = wrow[j * ws_c]
+            d0[j] += a
+            d1[j] += a * (<double>row[j] - <double>first[j])
+    for j in range(w):
+        count[j] = d0[j]
+        mean[j] = first[j] + (d1[j] / d0[j] if d0[j] != 0.0 else 0.0)
+        d1[j] = 0.0
+        d2[j] = 0.0
+    for r in range(r0, r1):
+        row = x + r * C + c0
+        wrow = wt + r * ws_n + c0 * ws_c
+        for j in range(w):
+            a = wrow[j * ws_c]
+            v = <double>row[j] - mean[j]
+            d1[j] += a * v
+            d2[j] += a * v * v
+    for j in range(w):
+        if d0[j] != 0.0:
+            mean[j] = mean[j] + d1[j] / d0[j]
+            m2[j] = d2[j] - d1[j] * d1[j] / d0[j]
+            if m2[j] < 0.0:
+                m2[j] = 0.0
+        else:
+            mean[j] = 0.0
+            m2[j] = 0.0
+
+
+# ---------------------------------------------------------------------------
+# per-block statistics, runs layout (x[(n*C + c)*M + m])
+
+cdef inline double _lanes_sum(floating* acc) noexcept nogil:
+    return ((<double>acc[0] + acc[1]) + (<double>acc[2] + acc[3])) + \
+           ((<double>acc[4] + acc[5]) + (<double>acc[6] + acc[7]))
+
+
+cdef void _run_sums(const floating* p, Py_ssize_t length, floating centre,
+                    double* sum1, double* sum2) noexcept nogil:
+    """Adds sum(p - centre) (and its squares, when sum2 is not NULL) over a run."""
+    cdef floating a1[8]
+    cdef floating a2[8]
+    cdef Py_ssize_t i = 0, j, steps, end8 = length - length % 8
+    cdef floating v
+    while i < end8:
+        for j in range(8):
+            a1[j] = 0
+            a2[j] = 0
+        steps = 0
+        if sum2 == NULL:
+            while i < end8 and steps < FLUSH:
+                for j in range(8):
+                    a1[j] += p[i + j] - centre
+                i += 8
+                steps += 1
+        else:
+            while i < end8 and steps < FLUSH:
+                for j in range(8):
+                    v = p[i + j] - centre
+                    a1[j] += v
+                    a2[j] += v * v
+                i += 8
+                steps += 1
+        sum1[0] += _lanes_sum(a1)
+        if sum2 != NULL:
+            sum2[0] += _lanes_sum(a2)
+    while i < length:
+        v = p[i] - centre
+        sum1[0] += v
+        if sum2 != NULL:
+            sum2[0] += <double>v * v
+        i += 1
+
+
+cdef void _runs_block(const floating* x, Geometry* g, Py_ssize_t c, Py_ssize_t block,
+                      double* count, double* mean, double* m2) noexcept nogil:
+    """Mean and M2 of one block of channel c (a group of runs, or a chunk of one run)."""
+    cdef Py_ssize_t group = block // g.chunks_per_run
+    cdef Py_ssize_t chunk = block % g.chunks_per_run
+    cdef Py_ssize_t n0 = group * g.runs_per_block
+    cdef Py_ssize_t n1 = n0 + g.runs_per_block
+    cdef Py_ssize_t m0 = chunk * g.chunk
+    cdef Py_ssize_t length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
+    cdef Py_ssize_t n
+    cdef double s1 = 0.0, s2 = 0.0, total
+    cdef floating centre
+    if n1 > g.N:
+        n1 = g.N
+    total = <double>((n1 - n0) * length)
+    count[0] = total
+    cdef floating first = x[(n0 * g.C + c) * g.M + m0]
+    for n in range(n0, n1):
+        _run_sums(x + (n * g.C + c) * g.M + m0, length, first, &s1, &s2)
+    if _shifted_moments(total, <double>first, s1, s2, mean, m2):
+        return
+    # Ill-conditioned: again, centred on the mean just found (the block is in cache).
+    centre = <floating>mean[0]
+    s2 = 0.0
+    s1 = 0.0
+    for n in range(n0, n1):
+        _run_sums(x + (n * g.C + c) * g.M + m0, length, centre, &s1, &s2)
+    mean[0] = <double>centre + s1 / total
+    m2[0] = s2 - s1 * s1 / total
+    if m2[0] < 0.0:
+        m2[0] = 0.0
+
+
+cdef void _runs_block_weighted(const floating* x, Geometry* g, Py_ssize_t c, Py_ssize_t block,
+                               const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_c,
+                               Py_ssize_t ws_m,
+                               double* count, double* mean, double* m2) noexcept nogil:
+    cdef Py_ssize_t group = block // g.chunks_per_run
+    cdef Py_ssize_t chunk = block % g.chunks_per_run
+    cdef Py_ssize_t n0 = group * g.runs_per_block
+    cdef Py_ssize_t n1 = n0 + g.runs_per_block
+    cdef Py_ssize_t m0 = chunk * g.chunk
+    cdef Py_ssize_t length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
+    cdef Py_ssize_t n, m
+    cdef const floating* p
+    cdef const floating* q
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, a, v, centre
+    if n1 > g.N:
+        n1 = g.N
+    cdef double first = x[(n0 * g.C + c) * g.M + m0]
+    for n in range(n0, n1):
+        p = x + (n * g.C + c) * g.M + m0
+        q = wt + n * ws_n + c * ws_c + m0 * ws_m
+        for m in range(length):
+            a = q[m * ws_m]
+            s0 += a
+            s1 += a * (<double>p[m] - first)
+    count[0] = s0
+    if s0 == 0.0:
+        mean[0] = 0.0
+        m2[0] = 0.0
+        return
+    centre = first + s1 / s0
+    s1 = 0.0
+    for n in range(n0, n1):
+        p = x + (n * g.C + c) * g.M + m0
+        q = wt + n * ws_n + c * ws_c + m0 * ws_m
+        for m in range(length):
+            a = q[m * ws_m]
+            v = <double>p[m] - centre
+            s1 += a * v
+            s2 += a * v * v
+    mean[0] = centre + s1 / s0
+    m2[0] = s2 - s1 * s1 / s0
+    if m2[0] < 0.0:
+        m2[0] = 0.0
+
+
+# ---------------------------------------------------------------------------
+# all blocks, then the merge
+
+cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
+                 double* out_mean, double* out_var, bint weighted) noexcept nogil:
+    """Chan's merge of each channel's blocks, in block order.
+
+    Block b of channel c is at [b * C + c], its count too.  Unweighted, a block's
+    count is the same for every channel, so the loop over channels has no branch.
+    """
+    cdef Py_ssize_t C = g.C, b, c, i
+    cdef double na, nb, n, delta, f, h
+    cdef double* tot = <double*>malloc(C * sizeof(double))
+    for c in range(C):
+        tot[c] = count[c]
+        out_mean[c] = mean[c]
+        out_var[c] = m2[c]
+    for b in range(1, g.blocks_per_channel):
+        if not weighted:
+            na = tot[0]
+            nb = count[b * C]
+            n = na + nb
+            f = nb / n
+            h = na * nb / n
+            for c in range(C):
+                i = b * C + c
+                delta = mean[i] - out_mean[c]
+                out_mean[c] = out_mean[c] + delta * f
+                out_var[c] = out_var[c] + m2[i] + delta * delta * h
+                tot[c] = n
+            continue
+        for c in range(C):
+            i = b * C + c
+            na = tot[c]
+            nb = count[i]
+            if nb == 0.0:
+                continue
+            if na == 0.0:
+                tot[c] = nb
+                out_mean[c] = mean[i]
+                out_var[c] = m2[i]
+                continue
+            n = na + nb
+            delta = mean[i] - out_mean[c]
+            out_mean[c] = out_mean[c] + delta * (nb / n)
+            out_var[c] = out_var[c] + m2[i] + delta * delta * (na * nb / n)
+            tot[c] = n
+    for c in range(C):
+        # A total weight of 0 leaves mean and variance 0, as TF's div_no_nan does.
+        if tot[c] != 0.0:
+            out_var[c] = out_var[c] / tot[c]
+    free(tot)
+
+
+cdef void _stats(const floating* x, Geometry* g, const floating* wt,
+                 Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, int n_threads,
+                 double* count, double* mean, double* m2,
+                 double* out_mean, double* out_var) noexcept nogil:
+    cdef Py_ssize_t C = g.C, nblocks, b, rt, ct, c0, w, r0, r1, c, blk, j
+    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    cdef floating* f1 = NULL
+    cdef floating* f2 = NULL
+    cdef double* scratch = NULL
+    if g.M == 1:
+        nblocks = g.n_row_tiles * g.n_channel_tiles
+        with parallel(num_threads=nt):
+            f1 = <floating*>malloc(3 * CHANNEL_TILE * sizeof(floating))
+            f2 = f1 + CHANNEL_TILE
+            scratch = <double*>malloc(3 * CHANNEL_TILE * sizeof(double))
+            for b in prange(nblocks, schedule="static"):
+                rt = b // g.n_channel_tiles
+                ct = b % g.n_channel_tiles
+                c0 = ct * g.channel_tile
+                w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
+                r0 = rt * g.row_tile
+                r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
+                if wt == NULL:
+                    _rows_block(x, C, r0, r1, c0, w, f1, f2, scratch, scratch + CHANNEL_TILE,
+                                mean + rt * C + c0, m2 + rt * C + c0)
+                    for j in range(w):
+                        count[rt * C + c0 + j] = <double>(r1 - r0)
+                else:
+                    _rows_block_weighted(x, C, r0, r1, c0, w, wt, ws_n, ws_c, scratch,
+                                         scratch + CHANNEL_TILE, scratch + 2 * CHANNEL_TILE,
+                                         count + rt * C + c0, mean + rt * C + c0,
+                                         m2 + rt * C + c0)
+            free(f1)
+            free(scratch)
+    else:
+        nblocks = C * g.blocks_per_channel
+        for b in prange(nblocks, schedule="static", num_threads=nt):
+            c = b // g.blocks_per_channel
+            blk = b % g.blocks_per_channel
+            if wt == NULL:
+                _runs_block(x, g, c, blk, count + blk * C + c, mean + blk * C + c,
+                            m2 + blk * C + c)
+            else:
+                _runs_block_weighted(x, g, c, blk, wt, ws_n, ws_c, ws_m, count + blk * C + c,
+                                     mean + blk * C + c, m2 + blk * C + c)
+    _merge(g, count, mean, m2, out_mean, out_var, wt != NULL)
+
+
+# ---------------------------------------------------------------------------
+# normalization: y = (x - mean) * k + b, then max(y, 0) if relu
+
+cdef void _normalize(const floating* x, floating* y, Geometry* g, const floating* mean,
+                     const floating* k, const floating* b, bint relu,
+                     int n_threads) noexcept nogil:
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, i, j, nc
+    cdef const floating* xr
+    cdef floating* yr
+    cdef floating mc, kc, bc, v
+    cdef int nt = _threads(N * C * M, n_threads)
+    if M == 1:
+        for r in prange(N, schedule="static", num_threads=nt):
+            xr = x + r * C
+            yr = y + r * C
+            if relu:
+                for j in range(C):
+                    v = (xr[j] - mean[j]) * k[j] + b[j]
+                    yr[j] = v if v > 0 else 0
+            else:
+                for j in range(C):
+                    yr[j] = (xr[j] - mean[j]) * k[j] + b[j]
+    else:
+        for i in prange(N * C, schedule="static", num_threads=nt):
+            c = i % C
+            mc = mean[c]
+            kc = k[c]
+            bc = b[c]
+            xr = x + i * M
+            yr = y + i * M
+            if relu:
+                for j in range(M):
+                    v = (xr[j] - mc) * kc + bc
+                    yr[j] = v if v > 0 else 0
+            else:
+                for j in range(M):
+                    yr[j] = (xr[j] - mc) * kc + bc
+
+
+# ---------------------------------------------------------------------------
+# Python entry points (arrays checked and prepared by the backend)
+
+cdef class _Partials:
+    """Per-block statistics buffers for a geometry."""
+    cdef public object count, mean, m2
+
+    def __init__(self, Py_ssize_t blocks, Py_ssize_t C):
+        self.count = np.empty(blocks * C, np.float64)
+        self.mean = np.empty(blocks * C, np.float64)
+        self.m2 = np.empty(blocks * C, np.float64)
+
+
+cdef inline void* _ptr(object a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+def _moments(floating[:, :, ::1] x, object weights, int n_threads):
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    cdef Geometry g = _geometry(N, C, M)
+    p = _Partials(g.blocks_per_channel, C)
+    out_mean = np.empty(C, np.float64)
+    out_var = np.empty(C, np.float64)
+    cdef const floating* wt = NULL
+    cdef Py_ssize_t ws_n = 0, ws_c = 0, ws_m = 0
+    cdef cnp.ndarray warr
+    if weights is not None:
+        warr = weights
+        wt = <const floating*>cnp.PyArray_DATA(warr)
+        ws_n = warr.strides[0] // warr.itemsize
+        ws_c = warr.strides[1] // warr.itemsize
+        ws_m = warr.strides[2] // warr.itemsize
+    cdef const floating* xp = &x[0, 0, 0] if N * C * M else NULL
+    cdef double* pc = <double*>_ptr(p.count)
+    cdef double* pm = <double*>_ptr(p.mean)
+    cdef double* p2 = <double*>_ptr(p.m2)
+    cdef double* om = <double*>_ptr(out_mean)
+    cdef double* ov = <double*>_ptr(out_var)
+    if N * C * M == 0:
+        out_mean[:] = np.nan
+        out_var[:] = np.nan
+        return out_mean, out_var
+    with nogil:
+        _stats(xp, &g, wt, ws_n, ws_c, ws_m, n_threads, pc, pm, p2, om, ov)
+    return out_mean, out_var
+
+
+def moments(x, weights, int n_threads):
+    """Per-channel (mean, biased variance) in float64 of a C-contiguous (N, C, M) array.
+
+    `weights`: None, or an array broadcastable to x of shape (N, 1, M) or (N, C, M),
+    non-negative, in x's dtype (zero strides allowed).
+    """
+    return _moments(x, weights, n_threads)
+
+
+def _normalize_entry(floating[:, :, ::1] x, floating[:, :, ::1] out, floating[::1] mean,
+                     floating[::1] k, floating[::1] b, bint relu, int n_threads):
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    cdef Geometry g = _geometry(N, C, M)
+    if N * C * M == 0:
+        return
+    with nogil:
+        _normalize(&x[0, 0, 0], &out[0, 0, 0], &g, &mean[0], &k[0], &b[0], relu, n_threads)
+
+
+def normalize(x, out, mean, k, b, bint relu, int n_threads):
+    """out = (x - mean) * k + b per channel (then max(out, 0) if relu); out may be x."""
+    _normalize_entry(x, out, mean, k, b, relu, n_threads)
+
+
+def _train_entry(floating[:, :, ::1] x, floating[:, :, ::1] out, double[::1] scale,
+                 double[::1] offset, double epsilon, bint relu, int n_threads):
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], c
+    cdef Geometry g = _geometry(N, C, M)
+    p = _Partials(g.blocks_per_channel, C)
+    out_mean = np.empty(C, np.float64)
+    out_var = np.empty(C, np.float64)
+    dtype = np.float32 if floating is float else np.float64
+    mean_t = np.empty(C, dtype)
+    k_t = np.empty(C, dtype)
+    b_t = np.empty(C, dtype)
+    cdef floating[::1] mv = mean_t
+    cdef floating[::1] kv = k_t
+    cdef floating[::1] bv = b_t
+    cdef double* pc = <double*>_ptr(p.count)
+    cdef double* pm = <double*>_ptr(p.mean)
+    cdef double* p2 = <double*>_ptr(p.m2)
+    cdef double* om = <double*>_ptr(out_mean)
+    cdef double* ov = <double*>_ptr(out_var)
+    cdef double inv
+    with nogil:
+        _stats(&x[0, 0, 0], &g, <const floating*>NULL, 0, 0, 0, n_threads, pc, pm, p2, om, ov)
+        for c in range(C):
+            inv = scale[c] / sqrt(ov[c] + epsilon)
+            mv[c] = <floating>om[c]
+            kv[c] = <floating>inv
+            bv[c] = <floating>offset[c]
+        _normalize(&x[0, 0, 0], &out[0, 0, 0], &g, &mv[0], &kv[0], &bv[0], relu, n_threads)
+    return out_mean, out_var
+
+
+def train_forward(x, out, scale, offset, double epsilon, bint relu, int n_threads):
+    """Batch statistics, then out = normalized x; returns (mean, biased variance), float64.
+
+    x is a non-empty C-contiguous (N, C, M) array; scale and offset float64 vectors.
+    """
+    return _train_entry(x, out, scale, offset, epsilon, relu, n_threads)

@@ -1,0 +1,137 @@
+"""The Cython + OpenMP CPU backend: fastbn's default.
+
+The kernels (fastbn/_cy/_kernels.pxi) are built twice; the AVX2/FMA build is
+used where the CPU has both (FASTBN_CPU_DISPATCH=baseline forces the other).
+Threads: FASTBN_NUM_THREADS if set, else the cores this process may use;
+never more than OpenMP's limit (OMP_NUM_THREADS, or threadpoolctl's).
+"""
+
+import importlib
+import os
+
+import numpy as np
+
+from .base import Backend, BackendUnavailable
+
+NUM_THREADS_VAR = "FASTBN_NUM_THREADS"
+DISPATCH_VAR = "FASTBN_CPU_DISPATCH"
+_F16 = np.dtype(np.float16)
+
+
+def cpu_has_avx2():
+    """Whether this CPU has AVX2 and FMA (as NumPy's own dispatcher sees it)."""
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            features = importlib.import_module(module).__cpu_features__
+        except (ImportError, AttributeError):
+            continue
+        return bool(features.get("AVX2") and features.get("FMA3"))
+    return False
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load_kernels():
+    choice = os.environ.get(DISPATCH_VAR, "auto")
+    if choice not in ("auto", "avx2", "baseline"):
+        raise BackendUnavailable(f"{DISPATCH_VAR} must be auto, avx2 or baseline, got {choice!r}")
+    if choice != "baseline" and (choice == "avx2" or cpu_has_avx2()):
+        try:
+            return importlib.import_module("fastbn._cy.kernels_avx2"), "avx2"
+        except ImportError:
+            if choice == "avx2":
+                raise
+    return importlib.import_module("fastbn._cy.kernels_baseline"), "baseline"
+
+
+class CythonBackend(Backend):
+    name = "cython"
+
+    def __init__(self):
+        try:
+            self._k, self.isa = _load_kernels()
+        except ImportError as err:
+            raise BackendUnavailable(
+                f"its compiled kernels are missing ({err}); reinstall fastbn with a C "
+                "compiler (pip install .)") from None
+        self.openmp = self._k.openmp_enabled()
+        mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
+        self.description = f"Cython fused kernels ({self.isa}, {mode})"
+
+    def threads(self):
+        if not self.openmp:
+            return 1
+        requested = os.environ.get(NUM_THREADS_VAR)
+        if requested:
+            try:
+                n = int(requested)
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise ValueError(f"{NUM_THREADS_VAR} must be a positive integer, got {requested!r}")
+        else:
+            n = _cores()
+        return max(1, min(n, self._k.omp_max_threads()))
+
+    # -- helpers -----------------------------------------------------------------
+    @staticmethod
+    def _input(x):
+        """x as the C-contiguous float32/float64 array the kernels read."""
+        if x.dtype == _F16:
+            return np.ascontiguousarray(x, np.float32)
+        return np.ascontiguousarray(x)
+
+    @staticmethod
+    def _output(x, xk, out):
+        """Where the kernels write: `out` itself when they can, else a temporary."""
+        if out is not None and out.dtype == xk.dtype and out.flags.c_contiguous:
+            return out
+        return np.empty(xk.shape, xk.dtype)
+
+    @staticmethod
+    def _finish(x, y, out):
+        if out is not None and y is not out:
+            np.copyto(out, y, casting="unsafe")
+            return out
+        return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+    # -- protocol ----------------------------------------------------------------
+    def moments(self, x, weights=None):
+        xk = self._input(x)
+        w = None
+        if weights is not None:
+            w = np.asarray(weights, xk.dtype)
+            if w.size and w.min() < 0:
+                # Negative frequency weights break block-wise merging: reference formula.
+                from .numpy_backend import NumpyBackend
+                return NumpyBackend().moments(x, weights)
+            w = np.broadcast_to(np.ascontiguousarray(w), xk.shape)
+        return self._k.moments(xk, w, self.threads())
+
+    def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
+        xk = self._input(x)
+        ct = xk.dtype
+        y = self._output(x, xk, out)
+        self._k.normalize(xk, y, np.ascontiguousarray(mean, ct), np.ascontiguousarray(multiplier, ct),
+                          np.ascontiguousarray(offset, ct), bool(relu), self.threads())
+        return self._finish(x, y, out)
+
+    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
+        if weights is not None:
+            return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
+        xk = self._input(x)
+        y = self._output(x, xk, out)
+        mean, var = self._k.train_forward(
+            xk, y, np.ascontiguousarray(scale, np.float64), np.ascontiguousarray(offset, np.float64),
+            float(epsilon), bool(relu), self.threads())
+        return self._finish(x, y, out), mean, var
+
+
+def create():
+    return CythonBackend()
+
