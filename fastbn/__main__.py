@@ -53,7 +53,11 @@ def main(argv=None):
     b.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     b.add_argument("--backends", default=None,
                    help="comma-separated backends to time (default: all that work)")
+    b.add_argument("--compare", default=None,
+                   help="also time these, where installed: torch, tf (comma-separated)")
     b.add_argument("--json", dest="json_path", default=None, help="write the raw figures here")
+    b.add_argument("--plot", dest="plot_path", default=None,
+                   help="write a bar chart here (PNG; needs matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args)

@@ -1,9 +1,17 @@
 """The benchmark behind `python -m fastbn bench`.
 
-Times `fastbn.nn.fused_batch_norm` (training forward and inference) and
-the whole `fastbn.batch_norm` layer on realistic shapes, on every working
-backend, in one process: each measurement is the median of several runs,
-the sides taken in turns so that drift hits them alike.
+Times batch normalization on realistic shapes on every working fastbn
+backend and, with `--compare`, on PyTorch's CPU batch norm and TensorFlow's
+fused batch norm, all in one process.  Each figure is the median of several
+runs; the sides are measured in turns (case by case, repeat by repeat), so
+that drift on a noisy machine hits them alike.  The copy bandwidth measured
+in the same run gives each case's memory roofline: the bytes its passes must
+move (3 for a training forward, 2 for inference) divided by that bandwidth.
+
+Ops: `train` (fused_batch_norm training forward), `infer` (inference),
+`layer` (the whole fastbn.batch_norm layer with in-place updates, against
+torch's F.batch_norm in training mode: what a call costs end to end).
+Outputs go to preallocated buffers (`out=`) where the side allows it.
 """
 
 import json
@@ -24,32 +32,112 @@ CASES = [
     ("NHWC 4x4x4x8 (tiny)", (4, 4, 4, 8), "NHWC"),
 ]
 QUICK_CASES = [CASES[2], CASES[3], CASES[5]]
+OPS = ("train", "infer", "layer")
+PASSES = {"train": 3, "infer": 2, "layer": 3}
+COMPARATORS = ("torch", "tf")
 
 
-def _ops(x, fmt):
-    c = x.shape[1] if fmt == "NCHW" else x.shape[-1]
-    scale = np.ones(c, np.float32)
-    offset = np.zeros(c, np.float32)
-    mean = np.zeros(c, np.float32)
-    var = np.ones(c, np.float32)
+def _channels(shape, fmt):
+    return shape[1] if fmt == "NCHW" else shape[-1]
+
+
+def _fastbn_side(backend, x, fmt):
+    c = _channels(x.shape, fmt)
+    scale, offset = np.ones(c, np.float32), np.zeros(c, np.float32)
+    mean, var = np.zeros(c, np.float32), np.ones(c, np.float32)
     out = np.empty_like(x)
     graph = fastbn.Graph()
+    nn = fastbn.nn
+
+    def train():
+        with fastbn.backends.use(backend):
+            nn.fused_batch_norm(x, scale, offset, data_format=fmt, out=out)
+
+    def infer():
+        with fastbn.backends.use(backend):
+            nn.fused_batch_norm(x, scale, offset, mean, var, data_format=fmt, is_training=False,
+                                out=out)
 
     def layer():
-        with graph.as_default():
+        with fastbn.backends.use(backend), graph.as_default():
             fastbn.batch_norm(x, data_format=fmt, scope="bn", reuse=fastbn.AUTO_REUSE,
                               updates_collections=None)
 
-    return {
-        "train": lambda: fastbn.nn.fused_batch_norm(x, scale, offset, data_format=fmt, out=out),
-        "infer": lambda: fastbn.nn.fused_batch_norm(x, scale, offset, mean, var, data_format=fmt,
-                                                    is_training=False, out=out),
-        "layer": layer,
-    }
+    return {"train": train, "infer": infer, "layer": layer}
+
+
+def _torch_side(x, fmt, threads):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    if x.ndim == 4 and fmt == "NHWC":
+        t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        t = t.contiguous(memory_format=torch.channels_last)
+    else:
+        t = torch.from_numpy(x)
+    c = _channels(x.shape, fmt)
+    weight, bias = torch.ones(c), torch.zeros(c)
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+
+    def train():
+        with torch.no_grad():
+            F.batch_norm(t, running_mean, running_var, weight, bias, training=True)
+
+    def infer():
+        with torch.no_grad():
+            F.batch_norm(t, running_mean, running_var, weight, bias, training=False)
+
+    return {"train": train, "infer": infer, "layer": train}
+
+
+def _tf_side(x, fmt):
+    import tensorflow as tf
+
+    c = _channels(x.shape, fmt)
+    shape4 = x.shape if x.ndim == 4 else (x.shape[0], 1, 1, x.shape[1])
+    tx = tf.constant(x.reshape(shape4))
+    scale, offset = tf.ones(c), tf.zeros(c)
+    mean, var = tf.zeros(c), tf.ones(c)
+    fused = tf.raw_ops.FusedBatchNormV3
+
+    def train():
+        fused(x=tx, scale=scale, offset=offset, mean=mean, variance=var, epsilon=1e-3,
+              data_format=fmt, is_training=True)
+
+    def infer():
+        fused(x=tx, scale=scale, offset=offset, mean=mean, variance=var, epsilon=1e-3,
+              data_format=fmt, is_training=False)
+
+    return {"train": train, "infer": infer}
+
+
+def available_comparators():
+    found = []
+    for name, module in (("torch", "torch"), ("tf", "tensorflow")):
+        try:
+            __import__(module)
+            found.append(name)
+        except ImportError:
+            pass
+    return found
+
+
+def copy_bandwidth(megabytes=256, repeats=5):
+    """Bytes per second np.copyto moves (read + write) on buffers larger than caches."""
+    src = np.ones(megabytes << 18, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / float(np.median(times))
 
 
 def _time(fn, min_seconds):
-    """Seconds per call: enough calls to fill `min_seconds`, at least one."""
+    """Seconds per call: the mean over enough calls to fill `min_seconds`."""
     fn()
     calls, start = 0, time.perf_counter()
     while True:
@@ -60,51 +148,124 @@ def _time(fn, min_seconds):
             return elapsed / calls
 
 
-def run(backend_names=None, quick=False, repeats=None, progress=None):
+def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, ops=OPS,
+        progress=None):
+    """Measures every (case, side, op); returns a dict with `results` and `copy_gbps`."""
     backend_names = backend_names or fastbn.backends.available()
-    cases = QUICK_CASES if quick else CASES
+    cases = cases or (QUICK_CASES if quick else CASES)
     repeats = repeats or (3 if quick else 7)
-    min_seconds = 0.02 if quick else 0.1
+    min_seconds = 0.01 if quick else 0.05
+    threads = max(fastbn.backends.get(b).threads() for b in backend_names)
+    bandwidth = copy_bandwidth(64 if quick else 256)
     results = []
-    steps = len(cases) * repeats
+    total = len(cases) * repeats
     done = 0
     for name, shape, fmt in cases:
-        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 2 + 1
+        x = (np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 2 + 1)
+        sides = {b: _fastbn_side(b, x, fmt) for b in backend_names}
+        if "torch" in compare:
+            sides["torch"] = _torch_side(x, fmt, threads)
+        if "tf" in compare and x.ndim in (2, 4):
+            sides["tf"] = _tf_side(x, fmt)
         samples = {}
         for _ in range(repeats):
-            for backend in backend_names:
-                with fastbn.backends.use(backend):
-                    for op, fn in _ops(x, fmt).items():
-                        samples.setdefault((backend, op), []).append(_time(fn, min_seconds))
+            for side, fns in sides.items():
+                for op in ops:
+                    if op in fns:
+                        samples.setdefault((side, op), []).append(_time(fns[op], min_seconds))
             done += 1
             if progress:
-                progress(done, steps, name)
-        for (backend, op), times in samples.items():
-            results.append({"case": name, "shape": list(shape), "data_format": fmt,
-                            "backend": backend, "op": op, "median_ms": 1e3 * float(np.median(times)),
-                            "runs_ms": [1e3 * t for t in times]})
-    return results
+                progress(done, total, name)
+        for (side, op), times in samples.items():
+            roofline = PASSES[op] * x.nbytes / bandwidth
+            median = float(np.median(times))
+            results.append({
+                "case": name, "shape": list(shape), "data_format": fmt, "side": side, "op": op,
+                "median_ms": 1e3 * median, "runs_ms": [1e3 * t for t in times],
+                "roofline_ms": 1e3 * roofline, "of_roofline": median / roofline,
+            })
+        del sides
+    return {"fastbn": fastbn.__version__, "threads": threads, "copy_gbps": bandwidth / 1e9,
+            "results": results}
 
 
-def table(results):
-    backends = list(dict.fromkeys(r["backend"] for r in results))
-    ops = list(dict.fromkeys(r["op"] for r in results))
+def ratios(results, against):
+    """{(case, side, op): time of `against` / time of side} for the fastbn sides."""
+    by = {(r["case"], r["side"], r["op"]): r["median_ms"] for r in results}
+    out = {}
+    for (case, side, op), ms in by.items():
+        ref = by.get((case, against, op))
+        if ref is not None and side != against:
+            out[(case, side, op)] = ref / ms
+    return out
+
+
+def table(report):
+    results = report["results"]
+    sides = list(dict.fromkeys(r["side"] for r in results))
     cases = list(dict.fromkeys(r["case"] for r in results))
-    by = {(r["case"], r["backend"], r["op"]): r["median_ms"] for r in results}
-    cols = [f"{b} {op}" for op in ops for b in backends]
-    lines = ["median ms, float32 | " + " | ".join(cols)]
-    for case in cases:
-        cells = []
-        for op in ops:
-            for b in backends:
-                ms = by.get((case, b, op))
-                ref = by.get((case, "numpy", op))
-                cell = f"{ms:.3f}" if ms is not None else "-"
-                if ms is not None and ref is not None and b != "numpy":
-                    cell += f" ({ref / ms:.1f}x)"
-                cells.append(cell)
-        lines.append(f"{case} | " + " | ".join(cells))
+    ops = [op for op in OPS if any(r["op"] == op for r in results)]
+    by = {(r["case"], r["side"], r["op"]): r for r in results}
+    vs_numpy = ratios(results, "numpy")
+    vs_torch = ratios(results, "torch")
+    lines = [f"median ms, float32, {report['threads']} threads; copy bandwidth "
+             f"{report['copy_gbps']:.1f} GB/s; (x faster than numpy / torch; share of roofline)"]
+    for op in ops:
+        lines.append("")
+        lines.append(f"{op}:")
+        header = f"  {'case':<22}" + "".join(f"{side:>30}" for side in sides) + f"{'roofline':>10}"
+        lines.append(header)
+        for case in cases:
+            cells = []
+            roof = None
+            for side in sides:
+                r = by.get((case, side, op))
+                if r is None:
+                    cells.append(f"{'-':>30}")
+                    continue
+                roof = r["roofline_ms"]
+                notes = []
+                if (case, side, op) in vs_numpy:
+                    notes.append(f"{vs_numpy[(case, side, op)]:.1f}x np")
+                if (case, side, op) in vs_torch:
+                    notes.append(f"{vs_torch[(case, side, op)]:.2f}x torch")
+                if side not in COMPARATORS and op != "layer":
+                    notes.append(f"{r['of_roofline']:.2f}R")
+                text = f"{r['median_ms']:.3f}" + (f" ({', '.join(notes)})" if notes else "")
+                cells.append(f"{text:>30}")
+            roof_text = f"{roof:.3f}" if roof is not None and op != "layer" else "-"
+            lines.append(f"  {case:<22}" + "".join(cells) + f"{roof_text:>10}")
     return "\n".join(lines)
+
+
+def plot(report, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'fastbn[plot]'") from None
+    results = report["results"]
+    ops = [op for op in OPS if any(r["op"] == op for r in results)]
+    sides = list(dict.fromkeys(r["side"] for r in results))
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    by = {(r["case"], r["side"], r["op"]): r["median_ms"] for r in results}
+    fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
+    width = 0.8 / len(sides)
+    for ax, op in zip(axes[0], ops):
+        for i, side in enumerate(sides):
+            ref = [by.get((c, "numpy", op)) for c in cases]
+            values = [(r / by[(c, side, op)]) if r and (c, side, op) in by else 0
+                      for c, r in zip(cases, ref)]
+            ax.bar(np.arange(len(cases)) + i * width, values, width, label=side)
+        ax.set_title(f"{op}: speed-up over the NumPy reference")
+        ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
+        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _progress(done, total, name):
@@ -119,15 +280,24 @@ def _progress(done, total, name):
 
 def main(args):
     names = args.backends.split(",") if args.backends else None
+    compare = [c for c in (args.compare.split(",") if args.compare else []) if c]
     try:
         for name in names or ():
             fastbn.backends.get(name)  # unknown or unavailable: a clear error now
+        for name in compare:
+            if name not in COMPARATORS:
+                raise ValueError(f"--compare takes {', '.join(COMPARATORS)}, got {name!r}")
+            if name not in available_comparators():
+                raise ValueError(f"--compare {name}: it is not installed here")
     except (ValueError, fastbn.backends.BackendUnavailable) as err:
         print(f"python -m fastbn bench: {err}", file=sys.stderr)
         return 2
-    results = run(names, quick=args.quick, repeats=args.repeats, progress=_progress)
-    print(table(results))
+    report = run(names, compare=compare, quick=args.quick, repeats=args.repeats,
+                 progress=_progress)
+    print(table(report))
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"fastbn": fastbn.__version__, "results": results}, f, indent=1)
+            json.dump(report, f, indent=1)
+    if args.plot_path:
+        plot(report, args.plot_path)
     return 0

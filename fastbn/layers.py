@@ -475,8 +475,8 @@ def _normalize(x, axis, mean, variance, offset, scale, epsilon, relu):
     def b(v):
         return None if v is None else np.asarray(v).reshape(shape)
 
-    y = nn.batch_normalization(x, b(mean), b(variance), b(offset), b(scale), epsilon)
-    return np.maximum(y, y.dtype.type(0), out=y) if relu else y
+    return nn.batch_normalization(x, b(mean), b(variance), b(offset), b(scale), epsilon,
+                                  activation=nn.relu if relu else None)
 
 
 def _fused_forward(x, axis, gamma, beta, mean, variance, epsilon, training_now, relu):
@@ -485,16 +485,13 @@ def _fused_forward(x, axis, gamma, beta, mean, variance, epsilon, training_now, 
     ct = compute_dtype(x.dtype)
     scale_v = gamma._value if gamma is not None else np.ones(channels, ct)
     offset_v = beta._value if beta is not None else np.zeros(channels, ct)
+    activation = nn.relu if relu else None
     if training_now:
-        y, batch_mean, batch_var = nn.fused_batch_norm(
-            x, scale_v, offset_v, epsilon=epsilon, data_format=fmt, is_training=True)
-    else:
-        y, batch_mean, batch_var = nn.fused_batch_norm(
-            x, scale_v, offset_v, mean=mean._value, variance=variance._value,
-            epsilon=epsilon, data_format=fmt, is_training=False)
-    if relu:
-        np.maximum(y, y.dtype.type(0), out=y)
-    return y, batch_mean, batch_var
+        return nn.fused_batch_norm(x, scale_v, offset_v, epsilon=epsilon, data_format=fmt,
+                                   is_training=True, activation=activation)
+    return nn.fused_batch_norm(x, scale_v, offset_v, mean=mean._value, variance=variance._value,
+                               epsilon=epsilon, data_format=fmt, is_training=False,
+                               activation=activation)
 
 
 def _bessel_corrected_moments(x, axis):

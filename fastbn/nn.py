@@ -326,17 +326,19 @@ def _param_array(value, argument):
 
 
 def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name=None,
-                        out=None):
+                        out=None, activation=None):
     """`(x - mean) * scale / sqrt(variance + variance_epsilon) + offset`, as TF's op.
 
     `mean`, `variance`, `offset` and `scale` broadcast against `x`
     (typically per-channel vectors, shaped `(1, C, 1, 1)` for NCHW);
     `offset` and `scale` may be None.  Computed as `(x - mean) * k + b`,
     which stays accurate when |mean| >> std (TF's `x * k + (offset - mean*k)`
-    does not).  `out` takes an array of x's shape and dtype to write into.
+    does not).  `out` takes an array of x's shape and dtype to write into;
+    `activation=fastbn.nn.relu` applies a ReLU in the same pass.
     """
     x = as_float_array(x, "x")
     epsilon = _check_epsilon(variance_epsilon, "variance_epsilon")
+    relu_fused = _fused_activation(activation)
     if out is not None:
         check_out(out, x)
     params = [
@@ -349,7 +351,8 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
         raise TypeError("mean and variance are required")
     axis = _param_layout(x, params)
     if axis is None:
-        return _generic_batch_normalization(x, params, epsilon, out)
+        y = _generic_batch_normalization(x, params, epsilon, out)
+        return np.maximum(y, 0, out=y) if relu_fused else y
     if axis == -1:
         x3 = x.reshape(-1, 1, 1)
         out3 = out.reshape(-1, 1, 1) if out is not None and out.flags.c_contiguous else None
@@ -366,9 +369,19 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     }
     offset_v = vec["offset"] if vec["offset"] is not None else np.zeros(channels, ct)
     y3 = backends.get().infer_forward(
-        x3, vec["mean"], vec["variance"], vec["scale"], offset_v, epsilon, out=out3
-    )
+        x3, vec["mean"], vec["variance"], vec["scale"], offset_v, epsilon, out=out3,
+        relu=relu_fused)
     return _finish(y3, x, out)
+
+
+def _fused_activation(activation):
+    """True for a ReLU the kernels apply in the normalization pass."""
+    if activation is None:
+        return False
+    if activation is relu:
+        return True
+    raise ValueError(f"activation must be None or fastbn.nn.relu (the one the kernels fuse), "
+                     f"got {activation!r}")
 
 
 def _generic_batch_normalization(x, params, epsilon, out):
@@ -394,7 +407,7 @@ def bessel_factor(count):
 
 def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
                      data_format="NHWC", is_training=True, name=None,
-                     exponential_avg_factor=1.0, out=None):
+                     exponential_avg_factor=1.0, out=None, activation=None):
     """Batch normalization in one call, as TF1's `tf.nn.fused_batch_norm`.
 
     Args:
@@ -409,6 +422,7 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
       exponential_avg_factor: in training, the returned statistics are
         `(1 - f) * given + f * batch` (f = 1: the batch statistics).
       out: an array of x's shape and dtype to write the output into.
+      activation: None, or `fastbn.nn.relu` to apply it in the same pass.
 
     Returns:
       `(y, mean, variance)`.  In training, the batch mean and the batch
@@ -425,6 +439,7 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
     if channels == 0:
         raise ValueError(f"x has an empty channel dimension (shape {x.shape})")
     epsilon = max(_check_epsilon(epsilon), FUSED_MIN_EPSILON)
+    relu_fused = _fused_activation(activation)
     if not isinstance(is_training, (bool, np.bool_)):
         raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
     factor = float(exponential_avg_factor)
@@ -447,13 +462,15 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
     out3 = _out_view(out, axis)
     backend = backends.get()
     if not is_training:
-        y3 = backend.infer_forward(x3, mean_v, var_v, scale_v, offset_v, epsilon, out=out3)
+        y3 = backend.infer_forward(x3, mean_v, var_v, scale_v, offset_v, epsilon, out=out3,
+                                   relu=relu_fused)
         return _finish(y3, x, out), mean_v, var_v
     count = x3.shape[0] * x3.shape[2]
     if count == 0:
         raise ValueError(f"x has no elements per channel to compute batch statistics from "
                          f"(shape {x.shape})")
-    y3, batch_mean, batch_var = backend.train_forward(x3, scale_v, offset_v, epsilon, out=out3)
+    y3, batch_mean, batch_var = backend.train_forward(x3, scale_v, offset_v, epsilon, out=out3,
+                                                      relu=relu_fused)
     batch_mean = np.asarray(batch_mean, ct)
     batch_var = (np.asarray(batch_var, np.float64) * bessel_factor(count)).astype(ct)
     if factor != 1.0:

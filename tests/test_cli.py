@@ -28,12 +28,13 @@ def test_bench_quick_writes_every_case_and_backend(tmp_path):
     result = _run("bench", "--quick", "--json", str(path))
     assert result.returncode == 0, result.stderr
     data = json.loads(path.read_text())
-    seen = {(r["case"], r["backend"], r["op"]) for r in data["results"]}
+    seen = {(r["case"], r["side"], r["op"]) for r in data["results"]}
     for case, _, _ in bench.QUICK_CASES:
         for backend in fastbn.backends.available():
             for op in ("train", "infer", "layer"):
                 assert (case, backend, op) in seen
-    assert all(r["median_ms"] > 0 for r in data["results"])
+    assert all(r["median_ms"] > 0 and r["roofline_ms"] > 0 for r in data["results"])
+    assert data["copy_gbps"] > 0
     assert "median ms" in result.stdout
 
 
@@ -41,6 +42,11 @@ def test_bench_unknown_backend_is_a_clear_error():
     result = _run("bench", "--quick", "--backends", "nope")
     assert result.returncode != 0
     assert "unknown fastbn backend 'nope'" in result.stderr
+
+
+def test_bench_compare_must_be_known():
+    result = _run("bench", "--quick", "--compare", "mxnet")
+    assert result.returncode == 2 and "--compare" in result.stderr
 
 
 def test_no_command_prints_help():

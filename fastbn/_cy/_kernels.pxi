@@ -46,14 +46,14 @@ ctypedef fused floating:
     double
 
 # Elements per statistics block: small enough to stay in L2 between its two passes.
-DEF BLOCK = 16384
+DEF BLOCK = 32768
 # Inner sums in the data type run over this many rows (rows layout) or 8-lane steps
 # (runs layout) before they are flushed into float64.
 DEF FLUSH = 64
 # Below this many elements the kernels stay on one thread: forking costs more.
 DEF SERIAL_BELOW = 65536
 # Channels per block in the rows layout.
-DEF CHANNEL_TILE = 512
+DEF CHANNEL_TILE = 256
 # A block whose shift is more than sqrt(this) standard deviations from its mean
 # is reduced again, centred on its mean.
 DEF ILL_CONDITIONED = 64.0
@@ -141,16 +141,33 @@ cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t
     cdef floating v
     cdef floating* s1 = f1
     cdef floating* s2 = f2
-    cdef bint ok = True
     for j in range(w):
         d1[j] = 0.0
         d2[j] = 0.0
+    cdef const floating* row1
+    cdef const floating* row2
+    cdef const floating* row3
+    cdef floating v1, v2, v3
     r = r0
     while r < r1:
         r_end = r + FLUSH if r + FLUSH < r1 else r1
         for j in range(w):
             s1[j] = 0
             s2[j] = 0
+        # Four rows per visit of the accumulators: a quarter of their loads and stores.
+        while r + 4 <= r_end:
+            row = x + r * C + c0
+            row1 = row + C
+            row2 = row1 + C
+            row3 = row2 + C
+            for j in range(w):
+                v = row[j] - first[j]
+                v1 = row1[j] - first[j]
+                v2 = row2[j] - first[j]
+                v3 = row3[j] - first[j]
+                s1[j] += (v + v1) + (v2 + v3)
+                s2[j] += (v * v + v1 * v1) + (v2 * v2 + v3 * v3)
+            r += 4
         while r < r_end:
             row = x + r * C + c0
             for j in range(w):
@@ -161,10 +178,16 @@ cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t
         for j in range(w):
             d1[j] += s1[j]
             d2[j] += s2[j]
+    # _shifted_moments for all channels at once, branch-free so that it vectorises.
+    cdef double inv_n = 1.0 / n, m, var
+    cdef int bad = 0
     for j in range(w):
-        if not _shifted_moments(n, <double>first[j], d1[j], d2[j], mean + j, m2 + j):
-            ok = False
-    if not ok:
+        m = d1[j] * inv_n
+        var = d2[j] * inv_n - m * m
+        mean[j] = first[j] + m
+        m2[j] = max(d2[j] - d1[j] * m, 0.0)
+        bad += m * m > ILL_CONDITIONED * var
+    if bad:
         _rows_block_two_pass(x, C, r0, r1, c0, w, f1, f2, d1, d2, mean, m2)
 
 
@@ -273,45 +296,49 @@ cdef void _rows_block_weighted(const floating* x, Py_ssize_t C, Py_ssize_t r0, P
 # ---------------------------------------------------------------------------
 # per-block statistics, runs layout (x[(n*C + c)*M + m])
 
-cdef inline double _lanes_sum(floating* acc) noexcept nogil:
-    return ((<double>acc[0] + acc[1]) + (<double>acc[2] + acc[3])) + \
-           ((<double>acc[4] + acc[5]) + (<double>acc[6] + acc[7]))
+cdef inline double _lanes_sum(floating* acc, int lanes) noexcept nogil:
+    """Pairwise sum of the accumulator lanes, in float64."""
+    cdef double part[32]
+    cdef int i, width = lanes
+    for i in range(lanes):
+        part[i] = acc[i]
+    while width > 1:
+        width //= 2
+        for i in range(width):
+            part[i] = part[i] + part[i + width]
+    return part[0]
 
 
 cdef void _run_sums(const floating* p, Py_ssize_t length, floating centre,
                     double* sum1, double* sum2) noexcept nogil:
-    """Adds sum(p - centre) (and its squares, when sum2 is not NULL) over a run."""
-    cdef floating a1[8]
-    cdef floating a2[8]
-    cdef Py_ssize_t i = 0, j, steps, end8 = length - length % 8
+    """Adds sum(p - centre) and sum((p - centre)**2) over a run.
+
+    32 float lanes (16 double) of independent accumulators: enough to hide the
+    latency of the additions.
+    """
+    cdef floating a1[32]
+    cdef floating a2[32]
+    cdef int lanes = 32 if floating is float else 16
+    cdef Py_ssize_t i = 0, j, steps, end = length - length % lanes
     cdef floating v
-    while i < end8:
-        for j in range(8):
+    while i < end:
+        for j in range(lanes):
             a1[j] = 0
             a2[j] = 0
         steps = 0
-        if sum2 == NULL:
-            while i < end8 and steps < FLUSH:
-                for j in range(8):
-                    a1[j] += p[i + j] - centre
-                i += 8
-                steps += 1
-        else:
-            while i < end8 and steps < FLUSH:
-                for j in range(8):
-                    v = p[i + j] - centre
-                    a1[j] += v
-                    a2[j] += v * v
-                i += 8
-                steps += 1
-        sum1[0] += _lanes_sum(a1)
-        if sum2 != NULL:
-            sum2[0] += _lanes_sum(a2)
+        while i < end and steps < FLUSH:
+            for j in range(lanes):
+                v = p[i + j] - centre
+                a1[j] += v
+                a2[j] += v * v
+            i += lanes
+            steps += 1
+        sum1[0] += _lanes_sum(a1, lanes)
+        sum2[0] += _lanes_sum(a2, lanes)
     while i < length:
         v = p[i] - centre
         sum1[0] += v
-        if sum2 != NULL:
-            sum2[0] += <double>v * v
+        sum2[0] += <double>v * v
         i += 1
 
 
@@ -537,108 +564,154 @@ cdef void _normalize(const floating* x, floating* y, Geometry* g, const floating
 # ---------------------------------------------------------------------------
 # Python entry points (arrays checked and prepared by the backend)
 
-cdef class _Partials:
-    """Per-block statistics buffers for a geometry."""
-    cdef public object count, mean, m2
-
-    def __init__(self, Py_ssize_t blocks, Py_ssize_t C):
-        self.count = np.empty(blocks * C, np.float64)
-        self.mean = np.empty(blocks * C, np.float64)
-        self.m2 = np.empty(blocks * C, np.float64)
+cdef inline void _require(cnp.ndarray a, int typenum, str what) except *:
+    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise TypeError(f"{what} must be a C-contiguous array of the kernel's dtype")
 
 
-cdef inline void* _ptr(object a):
-    return cnp.PyArray_DATA(<cnp.ndarray>a)
+cdef inline bint _is_float32(cnp.ndarray x) except -1:
+    cdef int t = cnp.PyArray_TYPE(x)
+    if t == cnp.NPY_FLOAT32:
+        return True
+    if t == cnp.NPY_FLOAT64:
+        return False
+    raise TypeError("x must be float32 or float64")
 
 
-def _moments(floating[:, :, ::1] x, object weights, int n_threads):
+cdef double* _workspace(Geometry* g) except NULL:
+    """Per-block count, mean and M2 (3 x blocks x C doubles), in one allocation."""
+    cdef double* w = <double*>malloc(3 * g.blocks_per_channel * g.C * sizeof(double) + 8)
+    if w == NULL:
+        raise MemoryError()
+    return w
+
+
+def moments(cnp.ndarray x, object weights, int n_threads):
+    """Per-channel (mean, biased variance), float64, of a C-contiguous (N, C, M) array.
+
+    `weights`: None, or an array of x's dtype broadcast to x's shape (strides in whole
+    elements, zero where broadcast), non-negative.
+    """
+    cdef bint f32 = _is_float32(x)
+    _require(x, cnp.PyArray_TYPE(x), "x")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     cdef Geometry g = _geometry(N, C, M)
-    p = _Partials(g.blocks_per_channel, C)
-    out_mean = np.empty(C, np.float64)
-    out_var = np.empty(C, np.float64)
-    cdef const floating* wt = NULL
-    cdef Py_ssize_t ws_n = 0, ws_c = 0, ws_m = 0
-    cdef cnp.ndarray warr
-    if weights is not None:
-        warr = weights
-        wt = <const floating*>cnp.PyArray_DATA(warr)
-        ws_n = warr.strides[0] // warr.itemsize
-        ws_c = warr.strides[1] // warr.itemsize
-        ws_m = warr.strides[2] // warr.itemsize
-    cdef const floating* xp = &x[0, 0, 0] if N * C * M else NULL
-    cdef double* pc = <double*>_ptr(p.count)
-    cdef double* pm = <double*>_ptr(p.mean)
-    cdef double* p2 = <double*>_ptr(p.m2)
-    cdef double* om = <double*>_ptr(out_mean)
-    cdef double* ov = <double*>_ptr(out_var)
+    cdef cnp.ndarray out_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray out_var = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
     if N * C * M == 0:
         out_mean[:] = np.nan
         out_var[:] = np.nan
         return out_mean, out_var
+    cdef void* wt = NULL
+    cdef Py_ssize_t ws_n = 0, ws_c = 0, ws_m = 0
+    cdef cnp.ndarray warr
+    if weights is not None:
+        warr = weights
+        if cnp.PyArray_TYPE(warr) != cnp.PyArray_TYPE(x) or warr.ndim != 3:
+            raise TypeError("weights must be a 3-D array of x's dtype")
+        wt = cnp.PyArray_DATA(warr)
+        ws_n = warr.strides[0] // warr.itemsize
+        ws_c = warr.strides[1] // warr.itemsize
+        ws_m = warr.strides[2] // warr.itemsize
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef double* om = <double*>cnp.PyArray_DATA(out_mean)
+    cdef double* ov = <double*>cnp.PyArray_DATA(out_var)
+    cdef double* work = _workspace(&g)
+    cdef Py_ssize_t size = g.blocks_per_channel * C
     with nogil:
-        _stats(xp, &g, wt, ws_n, ws_c, ws_m, n_threads, pc, pm, p2, om, ov)
+        if f32:
+            _stats(<const float*>xp, &g, <const float*>wt, ws_n, ws_c, ws_m, n_threads,
+                   work, work + size, work + 2 * size, om, ov)
+        else:
+            _stats(<const double*>xp, &g, <const double*>wt, ws_n, ws_c, ws_m, n_threads,
+                   work, work + size, work + 2 * size, om, ov)
+    free(work)
     return out_mean, out_var
 
 
-def moments(x, weights, int n_threads):
-    """Per-channel (mean, biased variance) in float64 of a C-contiguous (N, C, M) array.
+def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, cnp.ndarray b,
+              bint relu, int n_threads):
+    """out = (x - mean) * k + b per channel (then max(out, 0) if relu); out may be x.
 
-    `weights`: None, or an array broadcastable to x of shape (N, 1, M) or (N, C, M),
-    non-negative, in x's dtype (zero strides allowed).
+    All arrays C-contiguous of x's dtype; x and out (N, C, M), the rest length C.
     """
-    return _moments(x, weights, n_threads)
-
-
-def _normalize_entry(floating[:, :, ::1] x, floating[:, :, ::1] out, floating[::1] mean,
-                     floating[::1] k, floating[::1] b, bint relu, int n_threads):
+    cdef bint f32 = _is_float32(x)
+    cdef int t = cnp.PyArray_TYPE(x)
+    for a, what in ((x, "x"), (out, "out"), (mean, "mean"), (k, "k"), (b, "b")):
+        _require(a, t, what)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
+            or k.shape[0] != C or b.shape[0] != C:
+        raise ValueError("normalize: shapes do not match")
     cdef Geometry g = _geometry(N, C, M)
     if N * C * M == 0:
         return
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* yp = cnp.PyArray_DATA(out)
+    cdef void* mp = cnp.PyArray_DATA(mean)
+    cdef void* kp = cnp.PyArray_DATA(k)
+    cdef void* bp = cnp.PyArray_DATA(b)
     with nogil:
-        _normalize(&x[0, 0, 0], &out[0, 0, 0], &g, &mean[0], &k[0], &b[0], relu, n_threads)
+        if f32:
+            _normalize(<const float*>xp, <float*>yp, &g, <const float*>mp, <const float*>kp,
+                       <const float*>bp, relu, n_threads)
+        else:
+            _normalize(<const double*>xp, <double*>yp, &g, <const double*>mp,
+                       <const double*>kp, <const double*>bp, relu, n_threads)
 
 
-def normalize(x, out, mean, k, b, bint relu, int n_threads):
-    """out = (x - mean) * k + b per channel (then max(out, 0) if relu); out may be x."""
-    _normalize_entry(x, out, mean, k, b, relu, n_threads)
+cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
+                 const double* scale, const double* offset, double epsilon, bint relu,
+                 int n_threads, double* work, double* om, double* ov) noexcept nogil:
+    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
+    _stats(x, g, <const floating*>NULL, 0, 0, 0, n_threads, work, work + size, work + 2 * size,
+           om, ov)
+    # The per-channel vectors in the data type reuse the start of the workspace.
+    cdef floating* mv = <floating*>work
+    cdef floating* kv = mv + C
+    cdef floating* bv = kv + C
+    for c in range(C):
+        mv[c] = <floating>om[c]
+        kv[c] = <floating>(scale[c] / sqrt(ov[c] + epsilon))
+        bv[c] = <floating>offset[c]
+    _normalize(x, y, g, mv, kv, bv, relu, n_threads)
 
 
-def _train_entry(floating[:, :, ::1] x, floating[:, :, ::1] out, double[::1] scale,
-                 double[::1] offset, double epsilon, bint relu, int n_threads):
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], c
-    cdef Geometry g = _geometry(N, C, M)
-    p = _Partials(g.blocks_per_channel, C)
-    out_mean = np.empty(C, np.float64)
-    out_var = np.empty(C, np.float64)
-    dtype = np.float32 if floating is float else np.float64
-    mean_t = np.empty(C, dtype)
-    k_t = np.empty(C, dtype)
-    b_t = np.empty(C, dtype)
-    cdef floating[::1] mv = mean_t
-    cdef floating[::1] kv = k_t
-    cdef floating[::1] bv = b_t
-    cdef double* pc = <double*>_ptr(p.count)
-    cdef double* pm = <double*>_ptr(p.mean)
-    cdef double* p2 = <double*>_ptr(p.m2)
-    cdef double* om = <double*>_ptr(out_mean)
-    cdef double* ov = <double*>_ptr(out_var)
-    cdef double inv
-    with nogil:
-        _stats(&x[0, 0, 0], &g, <const floating*>NULL, 0, 0, 0, n_threads, pc, pm, p2, om, ov)
-        for c in range(C):
-            inv = scale[c] / sqrt(ov[c] + epsilon)
-            mv[c] = <floating>om[c]
-            kv[c] = <floating>inv
-            bv[c] = <floating>offset[c]
-        _normalize(&x[0, 0, 0], &out[0, 0, 0], &g, &mv[0], &kv[0], &bv[0], relu, n_threads)
-    return out_mean, out_var
-
-
-def train_forward(x, out, scale, offset, double epsilon, bint relu, int n_threads):
+def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray offset,
+                  double epsilon, bint relu, int n_threads):
     """Batch statistics, then out = normalized x; returns (mean, biased variance), float64.
 
-    x is a non-empty C-contiguous (N, C, M) array; scale and offset float64 vectors.
+    x and out: C-contiguous (N, C, M) of one dtype, N*C*M > 0 (out may be x); scale and
+    offset: C-contiguous float64 vectors of length C.
     """
-    return _train_entry(x, out, scale, offset, epsilon, relu, n_threads)
+    cdef bint f32 = _is_float32(x)
+    cdef int t = cnp.PyArray_TYPE(x)
+    _require(x, t, "x")
+    _require(out, t, "out")
+    _require(scale, cnp.NPY_FLOAT64, "scale")
+    _require(offset, cnp.NPY_FLOAT64, "offset")
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or scale.shape[0] != C \
+            or offset.shape[0] != C:
+        raise ValueError("train_forward: shapes do not match")
+    if N * C * M == 0:
+        raise ValueError("train_forward: no elements to compute statistics from")
+    cdef Geometry g = _geometry(N, C, M)
+    cdef cnp.ndarray out_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray out_var = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* yp = cnp.PyArray_DATA(out)
+    cdef const double* sp = <const double*>cnp.PyArray_DATA(scale)
+    cdef const double* op = <const double*>cnp.PyArray_DATA(offset)
+    cdef double* om = <double*>cnp.PyArray_DATA(out_mean)
+    cdef double* ov = <double*>cnp.PyArray_DATA(out_var)
+    cdef double* work = _workspace(&g)
+    with nogil:
+        if f32:
+            _train(<float*>NULL, <const float*>xp, <float*>yp, &g, sp, op, epsilon, relu,
+                   n_threads, work, om, ov)
+        else:
+            _train(<double*>NULL, <const double*>xp, <double*>yp, &g, sp, op, epsilon, relu,
+                   n_threads, work, om, ov)
+    free(work)
+    return out_mean, out_var

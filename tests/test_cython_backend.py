@@ -1,0 +1,185 @@
+"""The Cython + OpenMP backend: determinism, threads, dispatch, numerics at the edges."""
+
+import importlib
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import nn
+from fastbn.backends import cython_backend
+
+KERNELS = [importlib.import_module(f"fastbn._cy.kernels_{isa}")
+           for isa in ("baseline", "avx2")
+           if isa == "baseline" or cython_backend.cpu_has_avx2()]
+# Shapes above the kernels' serial threshold, in both layouts, with ragged blocks.
+SHAPES = [(5003, 37, 1), (12, 5, 2011), (3, 2, 40000)]
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint64 if a.dtype == np.float64 else np.uint32)
+
+
+def _data(shape, dtype, seed=0, loc=3.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * 2 + loc).astype(dtype)
+
+
+def test_cython_is_the_default_backend():
+    assert fastbn.backends.available()[0] == "cython"
+    assert fastbn.backends.get().name == "cython"
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_same_bits_for_any_thread_count(kernels, dtype, shape):
+    x = _data(shape, dtype)
+    scale = np.linspace(0.5, 2, shape[1])
+    offset = np.linspace(-1, 1, shape[1])
+    results = []
+    for threads in (1, 2, 16):
+        out = np.empty_like(x)
+        mean, var = kernels.train_forward(x, out, scale, offset, 1e-3, False, threads)
+        wmean, wvar = kernels.moments(x, np.broadcast_to(
+            np.linspace(0, 1, shape[0] * shape[2]).astype(dtype).reshape(shape[0], 1, shape[2]),
+            shape), threads)
+        results.append([_bits(a) for a in (mean, var, out, wmean, wvar)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_same_bits_through_the_environment():
+    """FASTBN_NUM_THREADS and OMP_NUM_THREADS reach the kernels; the bits do not change."""
+    code = ("import numpy as np, fastbn, sys; b = fastbn.backends.get('cython'); "
+            "x = (np.arange(200003, dtype=np.float32) % 97).reshape(-1, 1) * 0.37 + 1e3; "
+            "_, m, v = fastbn.nn.fused_batch_norm(x, [1.0], [0.0]); "
+            "sys.stdout.write(f'{b.threads()} {m.view(np.uint32)[0]} {v.view(np.uint32)[0]}')")
+    outputs = {}
+    for threads in ("1", "2", "16"):
+        env = dict(os.environ, FASTBN_NUM_THREADS=threads, OMP_NUM_THREADS="16")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env)
+        assert result.returncode == 0, result.stderr
+        used, *bits = result.stdout.split()
+        assert used == threads
+        outputs[threads] = bits
+    assert outputs["1"] == outputs["2"] == outputs["16"]
+
+
+def test_isa_builds_agree():
+    x = _data((4001, 19, 1), np.float32)
+    ref_mean, ref_var = KERNELS[0].moments(x, None, 2)
+    for kernels in KERNELS[1:]:
+        mean, var = kernels.moments(x, None, 2)
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
+        np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+
+
+def test_dispatch_can_be_forced(monkeypatch):
+    monkeypatch.setenv("FASTBN_CPU_DISPATCH", "baseline")
+    assert cython_backend.CythonBackend().isa == "baseline"
+    monkeypatch.setenv("FASTBN_CPU_DISPATCH", "sse9")
+    with pytest.raises(fastbn.backends.BackendUnavailable, match="FASTBN_CPU_DISPATCH"):
+        cython_backend.CythonBackend()
+
+
+def test_thread_settings(monkeypatch):
+    backend = fastbn.backends.get("cython")
+    monkeypatch.setenv("FASTBN_NUM_THREADS", "1")
+    assert backend.threads() == 1
+    monkeypatch.setenv("FASTBN_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="FASTBN_NUM_THREADS"):
+        backend.threads()
+    monkeypatch.delenv("FASTBN_NUM_THREADS")
+    assert 1 <= backend.threads() <= len(os.sched_getaffinity(0))
+
+
+def test_threadpoolctl_sees_and_limits_the_kernels():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    backend = fastbn.backends.get("cython")
+    nn.moments(np.ones((4, 2), np.float32), [0])  # the kernels' OpenMP runtime is loaded
+    info = threadpoolctl.threadpool_info()
+    assert any(pool["user_api"] == "openmp" for pool in info)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert backend.threads() == 1
+
+
+def test_gil_is_released_while_kernels_run():
+    x = np.ones((1 << 25, 1, 1), np.float32)
+    kernels = KERNELS[-1]
+    done = threading.Event()
+
+    def work():
+        for _ in range(3):
+            kernels.moments(x, None, 1)
+        done.set()
+
+    count = 0
+    thread = threading.Thread(target=work)
+    thread.start()
+    while not done.is_set():
+        count += 1
+    thread.join()
+    # Holding the GIL through a ~100 ms kernel would leave this loop a handful of turns.
+    assert count > 10000
+
+
+@pytest.mark.parametrize("case", ["outlier-first", "sorted", "offset", "constant"])
+@pytest.mark.parametrize("layout", ["rows", "runs"])
+def test_statistics_stay_accurate_on_hard_data(backend, case, layout):
+    rng = np.random.default_rng(7)
+    n = 300_000
+    x = rng.standard_normal(n) + 1e4
+    if case == "outlier-first":
+        x[::1024] = 1e4 + 1e3  # the first element of many blocks sits far out
+    elif case == "sorted":
+        x = np.sort(x)
+    elif case == "offset":
+        x[: n // 2] -= 5e3
+    elif case == "constant":
+        x[:] = 1e4 + 0.25
+    x = x.astype(np.float32)
+    data = x.reshape(-1, 1) if layout == "rows" else x.reshape(1, 1, -1)
+    axes = [0] if layout == "rows" else [0, 2]
+    mean, var = nn.moments(data, axes)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, [x64.mean()], rtol=1e-7)
+    np.testing.assert_allclose(var, [x64.var()], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_fused_relu_in_the_kernel(backend, dtype):
+    x = _data((64, 5, 6), dtype, loc=0.0)
+    y, _, _ = nn.fused_batch_norm(x, np.ones(6), np.full(6, 0.1), activation=nn.relu)
+    plain, _, _ = nn.fused_batch_norm(x, np.ones(6), np.full(6, 0.1))
+    np.testing.assert_array_equal(y, np.maximum(plain, 0))
+    yi, _, _ = nn.fused_batch_norm(x, np.ones(6), np.zeros(6), np.zeros(6), np.ones(6),
+                                   is_training=False, activation=nn.relu)
+    assert (yi >= 0).all()
+    with pytest.raises(ValueError, match="activation"):
+        nn.fused_batch_norm(x, np.ones(6), np.zeros(6), activation=nn.tanh)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["rows", "runs"])
+def test_more_than_2_31_elements(layout):
+    n = 3 * 715_827_885  # 2**31 + 7 elements, 8.6 GB of float32
+    assert n > 2**31
+    x = np.empty(n, np.float32)
+    x.reshape(-1, 3)[:] = [0.0, 1.0, 2.0]
+    data = x.reshape(-1, 1) if layout == "rows" else x.reshape(1, 1, -1)
+    axes = [0] if layout == "rows" else [0, 2]
+    mean, var = nn.moments(data, axes)
+    np.testing.assert_allclose(mean, [1.0], rtol=1e-6)
+    np.testing.assert_allclose(var, [2.0 / 3.0], rtol=1e-6)
+    y, _, _ = nn.fused_batch_norm(data, [1.0], [0.0], epsilon=0.0,
+                                  data_format="NHWC" if layout == "rows" else "NCHW", out=data)
+    expected = (np.array([0.0, 1.0, 2.0]) - 1.0) / np.sqrt(2.0 / 3.0 + 1.001e-5)
+    np.testing.assert_allclose(x[-6:], np.tile(expected, 2), rtol=1e-5)
+    np.testing.assert_allclose(x[n // 2 - (n // 2) % 3:][:3], expected, rtol=1e-5)
