@@ -47,10 +47,10 @@ class Graph:
     def __init__(self):
         self._collections = {}
         self._variables = {}  # op name ("bn/beta") -> Variable
-        self._names_in_use = {}  # op-name uniquifier, as tf.Graph.unique_name
+        self._names_in_use = {}  # name uniquifier for standalone Variables
         self._variable_scope_counts = {}  # variable scope name -> times opened
-        self._scope_stack = []  # VariableScope objects; filled by _variables
-        self._name_stack = ""
+        # Open variable scopes, innermost last: (VariableScope, names opened inside it).
+        self._scope_stack = []
         # Update-op bookkeeping for the "statistics never move" warning.
         self._unrun_update_ops = 0
         self._update_trackers = {}  # layer scope name -> UpdateTracker
@@ -113,8 +113,6 @@ class Graph:
     # -- names ---------------------------------------------------------------
     def unique_name(self, name, mark_as_used=True):
         """`name` made unique in this graph by a `_N` suffix, as tf.Graph does."""
-        if self._name_stack:
-            name = self._name_stack + "/" + name
         key = name.lower()
         count = self._names_in_use.get(key, 0)
         if mark_as_used:

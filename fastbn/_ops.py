@@ -141,21 +141,22 @@ def run(fetches):
     Each operation runs once per call, after its dependencies; a dependency
     shared by several fetched operations also runs once.
     """
-    order = []
-    seen = set()
-
-    def visit(op):
-        if id(op) in seen:
-            return
-        seen.add(id(op))
-        for dep in op._deps:
-            visit(dep)
-        order.append(op)
-
-    for op in _flatten(fetches, []):
-        visit(op)
+    ops = dict.fromkeys(_flatten(fetches, []))  # once each, in order
+    order = {}
+    for op in ops:
+        if op._deps:
+            _with_deps(op, order)
+        else:
+            order[op] = None
     for op in order:
         op._execute()
+
+
+def _with_deps(op, order):
+    for dep in op._deps:
+        if dep not in order:
+            _with_deps(dep, order)
+    order[op] = None
 
 
 def apply_updates(collection=GraphKeys.UPDATE_OPS, graph=None):
@@ -172,6 +173,5 @@ def apply_updates(collection=GraphKeys.UPDATE_OPS, graph=None):
     if not ops:
         return 0
     run(ops)
-    ran = set(map(id, ops))
-    ref[:] = [item for item in ref if id(item) not in ran]
+    ref[:] = [item for item in ref if not isinstance(item, Operation)]
     return len(ops)

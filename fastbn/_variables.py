@@ -94,7 +94,10 @@ class Variable(NDArrayOperatorsMixin):
             initial_value = initial_value()
         value = _to_array(initial_value, "initial_value", dtype)
         graph = get_default_graph()
-        self._init(value, graph.unique_name(name or "Variable"), bool(trainable))
+        scope = get_variable_scope().name
+        name = name or "Variable"
+        self._init(value, graph.unique_name(scope + "/" + name if scope else name),
+                   bool(trainable))
         _add_to_graph(graph, self, collections, trainable)
 
     @classmethod
@@ -203,7 +206,7 @@ class Variable(NDArrayOperatorsMixin):
         return len(self._value)
 
     def __getitem__(self, index):
-        return self._value[index]
+        return np.array(self._value[index])  # a snapshot, as a TF tensor would be
 
     def __repr__(self):
         return (
@@ -251,12 +254,11 @@ def _add_to_graph(graph, var, collections, trainable):
 class VariableScope:
     """A variable scope: a name prefix and a reuse mode, like `tf.VariableScope`."""
 
-    __slots__ = ("_name", "_reuse", "_name_scope")
+    __slots__ = ("_name", "_reuse")
 
-    def __init__(self, reuse, name="", name_scope=""):
+    def __init__(self, reuse, name=""):
         self._name = name
         self._reuse = reuse
-        self._name_scope = name_scope
 
     @property
     def name(self):
@@ -268,7 +270,7 @@ class VariableScope:
 
     @property
     def original_name_scope(self):
-        return self._name_scope + "/" if self._name_scope else ""
+        return self._name + "/" if self._name else ""
 
     def reuse_variables(self):
         self._reuse = True
@@ -291,18 +293,20 @@ def _scope_regex(name):
     return (re.escape(name) + "/") if name else None
 
 
+_ROOT_SCOPE = VariableScope(False)
+
+
 def get_variable_scope():
     """The current variable scope of the default graph."""
-    graph = get_default_graph()
-    stack = graph._scope_stack
-    if not stack:
-        stack.append(VariableScope(False))
-    return stack[-1]
+    stack = get_default_graph()._scope_stack
+    return stack[-1][0] if stack else _ROOT_SCOPE
 
 
 def _check_reuse(reuse):
-    if reuse is None or reuse is AUTO_REUSE or isinstance(reuse, (bool, np.bool_)):
+    if reuse is None or reuse is AUTO_REUSE or reuse is True or reuse is False:
         return reuse
+    if isinstance(reuse, np.bool_):
+        return bool(reuse)
     raise TypeError(f"reuse must be True, False, None or fastbn.AUTO_REUSE, got {reuse!r}")
 
 
@@ -323,8 +327,7 @@ class variable_scope:
     re-entering the scope (with `reuse=True`) finds `BatchNorm` again.
     """
 
-    __slots__ = ("_name_or_scope", "_default_name", "_reuse", "_graph", "_saved_counts",
-                 "_new_name", "_old_name_stack")
+    __slots__ = ("_name_or_scope", "_default_name", "_reuse", "_graph", "_saved_counts")
 
     def __init__(self, name_or_scope, default_name=None, values=None, reuse=None, **_tf_only):
         if name_or_scope is not None and not isinstance(name_or_scope, (str, VariableScope)):
@@ -342,7 +345,8 @@ class variable_scope:
 
     def __enter__(self):
         graph = self._graph = get_default_graph()
-        parent = get_variable_scope()
+        stack = graph._scope_stack
+        parent = stack[-1][0] if stack else _ROOT_SCOPE
         name_or_scope = self._name_or_scope
         reuse = self._reuse
         counts = graph._variable_scope_counts
@@ -358,30 +362,26 @@ class variable_scope:
                 name_or_scope = _unique_scope_name(counts, parent.name, self._default_name)
             new_name = parent.name + "/" + name_or_scope if parent.name else name_or_scope
             reuse = reuse or parent.reuse
+            # Each enclosing scope the name lies under forgets it on exit
+            # (TF's close_variable_subscopes), without scanning every name.
+            for outer, opened in stack:
+                if new_name.startswith(outer.name + "/"):
+                    opened.add(new_name)
         counts[new_name] = counts.get(new_name, 0) + 1
-        self._new_name = new_name
-        self._old_name_stack = graph._name_stack
-        name_scope = graph.unique_name(
-            name_or_scope if isinstance(name_or_scope, str) else new_name.rsplit("/", 1)[-1]
-        )
-        graph._name_stack = name_scope
-        scope = VariableScope(reuse if reuse is not None else False, new_name, name_scope)
-        graph._scope_stack.append(scope)
+        scope = VariableScope(reuse if reuse is not None else False, new_name)
+        stack.append((scope, set()))
         return scope
 
     def __exit__(self, *exc):
         graph = self._graph
-        graph._scope_stack.pop()
-        graph._name_stack = self._old_name_stack
+        _, opened = graph._scope_stack.pop()
         counts = graph._variable_scope_counts
         if self._saved_counts is not None:
             counts.clear()
             counts.update(self._saved_counts)
         else:
-            prefix = self._new_name + "/"
-            for key in counts:
-                if key.startswith(prefix):
-                    counts[key] = 0
+            for name in opened:
+                counts[name] = 0
         return False
 
 
@@ -470,27 +470,34 @@ def get_variable(name, shape=None, dtype=np.float32, initializer=None, regulariz
     result is added to `GraphKeys.REGULARIZATION_LOSSES` when the variable is
     created.
     """
-    if not isinstance(name, str) or not name:
+    return _get_variable(name, shape, dtype, initializer, regularizer, trainable, collections,
+                         False)
+
+
+def _get_variable(name, shape, dtype, initializer, regularizer, trainable, collections, model):
+    if type(name) is not str or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     graph = get_default_graph()
-    scope = get_variable_scope()
-    full_name = scope.name + "/" + name if scope.name else name
-    shape = _normalize_shape(shape)
-    dtype = _as_dtype(dtype)
+    stack = graph._scope_stack
+    scope = stack[-1][0] if stack else _ROOT_SCOPE
+    full_name = scope._name + "/" + name if scope._name else name
     existing = graph._variables.get(full_name)
-    reuse = scope.reuse
+    reuse = scope._reuse
     if existing is not None:
         if not reuse:
             raise ValueError(
                 f"Variable {full_name} already exists, disallowed. Did you mean to set "
                 "reuse=True or reuse=tf.AUTO_REUSE in VarScope?"
             )
-        if shape is not None and existing.shape != shape:
-            raise ValueError(
-                f"Trying to share variable {full_name}, but specified shape {shape} "
-                f"and found shape {existing.shape}."
-            )
-        if existing.dtype != dtype:
+        if shape is not None and existing._value.shape != shape:
+            shape = _normalize_shape(shape)
+            if existing._value.shape != shape:
+                raise ValueError(
+                    f"Trying to share variable {full_name}, but specified shape {shape} "
+                    f"and found shape {existing.shape}."
+                )
+        if existing._value.dtype != dtype:
+            dtype = _as_dtype(dtype)
             raise ValueError(
                 f"Trying to share variable {full_name}, but specified dtype {dtype.name} "
                 f"and found dtype {existing.dtype.name}."
@@ -501,10 +508,15 @@ def get_variable(name, shape=None, dtype=np.float32, initializer=None, regulariz
             f"Variable {full_name} does not exist, or was not created with "
             "tf.get_variable(). Did you mean to set reuse=tf.AUTO_REUSE in VarScope?"
         )
+    shape = _normalize_shape(shape)
+    dtype = _as_dtype(dtype)
     if shape is None:
         raise ValueError(f"shape is required to create variable {full_name}")
     value = _initial_value(initializer, shape, dtype, full_name)
     var = Variable._create(value, full_name, bool(trainable))
+    if model:
+        collections = list(collections or ())
+        collections += [GraphKeys.GLOBAL_VARIABLES, GraphKeys.MODEL_VARIABLES]
     _add_to_graph(graph, var, collections, trainable)
     if regularizer is not None:
         if not callable(regularizer):
@@ -519,10 +531,8 @@ def get_variable(name, shape=None, dtype=np.float32, initializer=None, regulariz
 def model_variable(name, shape=None, dtype=np.float32, initializer=None, regularizer=None,
                    trainable=True, collections=None):
     """`get_variable` that also adds the variable to `GraphKeys.MODEL_VARIABLES` (slim)."""
-    collections = list(collections or [])
-    collections += [GraphKeys.GLOBAL_VARIABLES, GraphKeys.MODEL_VARIABLES]
-    return get_variable(name, shape=shape, dtype=dtype, initializer=initializer,
-                        regularizer=regularizer, trainable=trainable, collections=collections)
+    return _get_variable(name, shape, dtype, initializer, regularizer, trainable, collections,
+                         True)
 
 
 def global_variables(scope=None):

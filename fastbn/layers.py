@@ -16,6 +16,7 @@ its own numbers, variables and collections; this module reproduces each:
   `nn.weighted_moments`, variables in the input's dtype.
 """
 
+import functools
 import numbers
 
 import numpy as np
@@ -35,6 +36,8 @@ DATA_FORMAT_NCHW = "NCHW"
 _PARAM_NAMES = ("beta", "gamma", "moving_mean", "moving_variance")
 _REGULARIZED = ("beta", "gamma")
 _RENORM_KEYS = ("rmax", "rmin", "dmax")
+_ZEROS = zeros_initializer()
+_ONES = ones_initializer()
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -45,6 +48,8 @@ _F64 = np.dtype(np.float64)
 
 
 def _check_unit_interval(value, argument):
+    if type(value) is float and 0.0 <= value <= 1.0:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating)):
         raise TypeError(f"{argument} must be a float in [0, 1], got {value!r}")
     value = float(value)
@@ -150,16 +155,19 @@ class _Training:
 # moving averages, as training/moving_averages.py and Keras compute them
 
 
+@functools.lru_cache(maxsize=256)
 def _ema_rate(decay, dtype):
     """TF's `1 - decay`: a float32 constant (convert_to_tensor of a Python float), cast."""
     return dtype.type(np.float32(1.0 - decay))
 
 
 def _ema(var, value, decay):
-    """var -= (var - value) * (1 - decay), in the variable's dtype."""
+    """var -= (var - value) * (1 - decay), in the variable's dtype (in place: the
+    variable owns its array)."""
     v = var._value
-    rate = _ema_rate(decay, v.dtype)
-    var._value = v - (v - np.asarray(value, v.dtype)) * rate
+    delta = v - value.astype(v.dtype, copy=False)
+    delta *= _ema_rate(decay, v.dtype)
+    v -= delta
 
 
 def _zero_debias_vars(var, model):
@@ -167,9 +175,9 @@ def _zero_debias_vars(var, model):
     make = model_variable if model else get_variable
     with variable_scope(var.op_name):
         biased = make("biased", shape=var.shape, dtype=var.dtype,
-                      initializer=zeros_initializer(), trainable=False)
+                      initializer=_ZEROS, trainable=False)
         local_step = make("local_step", shape=(), dtype=var.dtype,
-                          initializer=zeros_initializer(), trainable=False)
+                          initializer=_ZEROS, trainable=False)
     return biased, local_step
 
 
@@ -186,12 +194,14 @@ def _ema_zero_debias(var, biased, local_step, value, decay):
 class _Updates:
     """Builds a layer's moving-average updates: applied now, or as collected ops."""
 
-    __slots__ = ("graph", "training", "collections", "tracker")
+    __slots__ = ("graph", "training", "collections", "tracker", "prefix", "names")
 
     def __init__(self, graph, training, collections, layer_name):
         self.graph = graph
         self.training = training
         self.collections = collections
+        self.prefix = layer_name + "/"
+        self.names = {}
         self.tracker = None
         if collections is not None:
             trackers = graph._update_trackers
@@ -212,7 +222,13 @@ class _Updates:
                 apply()
 
         tracker = self.tracker if collected else None
-        return Operation(self.graph.unique_name(name), run_if_training, deps, tracker)
+        return Operation(self.name(name), run_if_training, deps, tracker)
+
+    def name(self, base):
+        """TF's name for the call's next op called `base`: bn/AssignMovingAvg, ..._1, ..."""
+        n = self.names.get(base, 0)
+        self.names[base] = n + 1
+        return f"{self.prefix}{base}_{n}" if n else self.prefix + base
 
     def collect(self, *ops):
         for op in ops:
@@ -392,7 +408,7 @@ def batch_norm(inputs,
     for flag, argument in ((center, "center"), (scale, "scale"), (trainable, "trainable"),
                            (renorm, "renorm"),
                            (zero_debias_moving_mean, "zero_debias_moving_mean")):
-        if not isinstance(flag, (bool, np.bool_)):
+        if flag is not True and flag is not False and not isinstance(flag, np.bool_):
             raise TypeError(f"{argument} must be a bool, got {type(flag).__name__}")
     initializers = _check_param_dict(param_initializers, "param_initializers", _PARAM_NAMES)
     regularizers = _check_param_dict(param_regularizers, "param_regularizers", _REGULARIZED)
@@ -480,18 +496,26 @@ def _normalize(x, axis, mean, variance, offset, scale, epsilon, relu):
 
 
 def _fused_forward(x, axis, gamma, beta, mean, variance, epsilon, training_now, relu):
-    fmt = DATA_FORMAT_NCHW if axis == 1 else DATA_FORMAT_NHWC
+    """TF's fused kernel, as tf_slim and Keras call it (float32 parameters)."""
     channels = x.shape[axis]
     ct = compute_dtype(x.dtype)
-    scale_v = gamma._value if gamma is not None else np.ones(channels, ct)
-    offset_v = beta._value if beta is not None else np.zeros(channels, ct)
-    activation = nn.relu if relu else None
+    scale_v = gamma._value.astype(ct, copy=False) if gamma is not None else _filled(channels, ct, 1)
+    offset_v = beta._value.astype(ct, copy=False) if beta is not None else _filled(channels, ct, 0)
+    epsilon = max(epsilon, nn.FUSED_MIN_EPSILON)
     if training_now:
-        return nn.fused_batch_norm(x, scale_v, offset_v, epsilon=epsilon, data_format=fmt,
-                                   is_training=True, activation=activation)
-    return nn.fused_batch_norm(x, scale_v, offset_v, mean=mean._value, variance=variance._value,
-                               epsilon=epsilon, data_format=fmt, is_training=False,
-                               activation=activation)
+        return nn.fused_batch_norm_checked(x, axis, scale_v, offset_v, None, None, epsilon, True,
+                                           relu=relu)
+    return nn.fused_batch_norm_checked(
+        x, axis, scale_v, offset_v, mean._value.astype(ct, copy=False),
+        variance._value.astype(ct, copy=False), epsilon, False, relu=relu)
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(channels, dtype, value):
+    """A read-only vector of `value`s: the constant gamma or beta TF uses when absent."""
+    vector = np.full(channels, value, dtype)
+    vector.flags.writeable = False
+    return vector
 
 
 def _bessel_corrected_moments(x, axis):
@@ -518,23 +542,23 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
         beta = gamma = None
         if center:
             beta = model_variable(
-                "beta", channels, _F32, _init(initializers, "beta", zeros_initializer()),
+                "beta", channels, _F32, _init(initializers, "beta", _ZEROS),
                 regularizer=regularizers.get("beta"),
                 collections=_collections_for(variables_collections, "beta"),
                 trainable=trainable)
         if scale:
             gamma = model_variable(
-                "gamma", channels, _F32, _init(initializers, "gamma", ones_initializer()),
+                "gamma", channels, _F32, _init(initializers, "gamma", _ONES),
                 regularizer=regularizers.get("gamma"),
                 collections=_collections_for(variables_collections, "gamma"),
                 trainable=trainable)
         moving_mean = model_variable(
             "moving_mean", channels, _F32,
-            _init(initializers, "moving_mean", zeros_initializer()), trainable=False,
+            _init(initializers, "moving_mean", _ZEROS), trainable=False,
             collections=_collections_for(variables_collections, "moving_mean"))
         moving_variance = model_variable(
             "moving_variance", channels, _F32,
-            _init(initializers, "moving_variance", ones_initializer()), trainable=False,
+            _init(initializers, "moving_variance", _ONES), trainable=False,
             collections=_collections_for(variables_collections, "moving_variance"))
         training_now = training.now()
         _check_training_input(x, axis, training_now)
@@ -596,14 +620,14 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
         if scale:
             gamma = model_variable(
                 "gamma", channels, param_dtype,
-                _init(initializers, "gamma", ones_initializer()),
+                _init(initializers, "gamma", _ONES),
                 regularizer=regularizers.get("gamma"), trainable=trainable)
         if center:
             beta = model_variable(
-                "beta", channels, param_dtype, _init(initializers, "beta", zeros_initializer()),
+                "beta", channels, param_dtype, _init(initializers, "beta", _ZEROS),
                 regularizer=regularizers.get("beta"), trainable=trainable)
-        mean_init = _init(initializers, "moving_mean", zeros_initializer())
-        var_init = _init(initializers, "moving_variance", ones_initializer())
+        mean_init = _init(initializers, "moving_mean", _ZEROS)
+        var_init = _init(initializers, "moving_variance", _ONES)
         moving_mean = model_variable("moving_mean", channels, param_dtype, mean_init,
                                      trainable=False)
         moving_variance = model_variable("moving_variance", channels, param_dtype, var_init,
@@ -618,10 +642,12 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
                                          trainable=False)
             renorm_stddev = model_variable("renorm_stddev", channels, param_dtype, stddev_init,
                                            trainable=False)
-        for var, name in ((moving_mean, "moving_mean"), (moving_variance, "moving_variance"),
-                          (beta, "beta"), (gamma, "gamma")):
-            if var is not None:
-                _add_to_variables_collections(graph, var, variables_collections, name)
+        if variables_collections:
+            # After creation, and on every call as tf_slim does.
+            for var, name in ((moving_mean, "moving_mean"), (moving_variance, "moving_variance"),
+                              (beta, "beta"), (gamma, "gamma")):
+                if var is not None:
+                    _add_to_variables_collections(graph, var, variables_collections, name)
 
         # Keras adds no updates for a frozen (non-trainable) layer.
         collect = trainable and training.may_train
@@ -728,7 +754,9 @@ def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip
         _ema(renorm_mean, mean, renorm_decay)
         _ema(renorm_stddev, stddev, renorm_decay)
 
-    return r, d, updates.op("renorm_update", update_renorm_vars, collected=False)
+    # Keras builds the two renorm EMAs first: they take AssignMovingAvg and _1.
+    updates.name("AssignMovingAvg")
+    return r, d, updates.op("AssignMovingAvg", update_renorm_vars, collected=False)
 
 
 def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
@@ -742,21 +770,21 @@ def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
         beta = gamma = None
         if center:
             beta = model_variable(
-                "beta", channels, dtype, _init(initializers, "beta", zeros_initializer()),
+                "beta", channels, dtype, _init(initializers, "beta", _ZEROS),
                 collections=_collections_for(variables_collections, "beta"),
                 trainable=trainable)
         if scale:
             gamma = model_variable(
-                "gamma", channels, dtype, _init(initializers, "gamma", ones_initializer()),
+                "gamma", channels, dtype, _init(initializers, "gamma", _ONES),
                 collections=_collections_for(variables_collections, "gamma"),
                 trainable=trainable)
         moving_mean = model_variable(
             "moving_mean", channels, dtype,
-            _init(initializers, "moving_mean", zeros_initializer()), trainable=False,
+            _init(initializers, "moving_mean", _ZEROS), trainable=False,
             collections=_collections_for(variables_collections, "moving_mean"))
         moving_variance = model_variable(
             "moving_variance", channels, dtype,
-            _init(initializers, "moving_variance", ones_initializer()), trainable=False,
+            _init(initializers, "moving_variance", _ONES), trainable=False,
             collections=_collections_for(variables_collections, "moving_variance"))
         training_now = training.now()
         if not training_now and updates_collections is not None:

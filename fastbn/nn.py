@@ -69,9 +69,15 @@ def as_float_array(value, argument):
 
 
 def as_channel_vector(value, channels, dtype, argument):
-    """A per-channel parameter as a contiguous 1-D array of `channels` in `dtype`."""
+    """A per-channel parameter as a contiguous 1-D array of `channels` in `dtype`.
+
+    A Variable's value is copied: what is returned may be handed back to the caller.
+    """
     if isinstance(value, Variable):
-        value = value._value
+        value = value._value.copy()
+    if (type(value) is np.ndarray and value.dtype == dtype and value.shape == (channels,)
+            and value.flags.c_contiguous):
+        return value
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as err:
@@ -138,6 +144,8 @@ def _finish(y3, x, out):
 
 
 def _check_epsilon(epsilon, argument="epsilon"):
+    if type(epsilon) is float and epsilon >= 0.0:
+        return epsilon
     if isinstance(epsilon, (bool, np.bool_)) or not isinstance(epsilon, (numbers.Real, np.floating)):
         raise TypeError(f"{argument} must be a non-negative float, got {epsilon!r}")
     epsilon = float(epsilon)
@@ -440,8 +448,10 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
         raise ValueError(f"x has an empty channel dimension (shape {x.shape})")
     epsilon = max(_check_epsilon(epsilon), FUSED_MIN_EPSILON)
     relu_fused = _fused_activation(activation)
-    if not isinstance(is_training, (bool, np.bool_)):
-        raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
+    if is_training is not True and is_training is not False:
+        if not isinstance(is_training, np.bool_):
+            raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
+        is_training = bool(is_training)
     factor = float(exponential_avg_factor)
     if not 0.0 <= factor <= 1.0:
         raise ValueError(f"exponential_avg_factor must be in [0, 1], got {factor}")
@@ -458,24 +468,37 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
     var_v = None if variance is None else as_channel_vector(variance, channels, ct, "variance")
     if out is not None:
         check_out(out, x)
+    if is_training and x.size == 0:
+        raise ValueError(f"x has no elements per channel to compute batch statistics from "
+                         f"(shape {x.shape})")
+    return fused_batch_norm_checked(x, axis, scale_v, offset_v, mean_v, var_v, epsilon,
+                                    is_training, factor, out, relu_fused)
+
+
+def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is_training,
+                             factor=1.0, out=None, relu=False):
+    """`fused_batch_norm` on arguments already checked: the layer's way in.
+
+    `scale`, `offset` (and `mean`, `variance` where needed) are contiguous
+    vectors in x's compute dtype; epsilon has its floor applied; training
+    input is not empty.
+    """
     x3 = channel_view(x, axis)
     out3 = _out_view(out, axis)
     backend = backends.get()
     if not is_training:
-        y3 = backend.infer_forward(x3, mean_v, var_v, scale_v, offset_v, epsilon, out=out3,
-                                   relu=relu_fused)
-        return _finish(y3, x, out), mean_v, var_v
+        y3 = backend.infer_forward(x3, mean, variance, scale, offset, epsilon, out=out3,
+                                   relu=relu)
+        return _finish(y3, x, out), mean, variance
+    ct = scale.dtype
+    y3, batch_mean, batch_var = backend.train_forward(x3, scale, offset, epsilon, out=out3,
+                                                      relu=relu)
     count = x3.shape[0] * x3.shape[2]
-    if count == 0:
-        raise ValueError(f"x has no elements per channel to compute batch statistics from "
-                         f"(shape {x.shape})")
-    y3, batch_mean, batch_var = backend.train_forward(x3, scale_v, offset_v, epsilon, out=out3,
-                                                      relu=relu_fused)
-    batch_mean = np.asarray(batch_mean, ct)
-    batch_var = (np.asarray(batch_var, np.float64) * bessel_factor(count)).astype(ct)
+    batch_mean = batch_mean.astype(ct)
+    batch_var = (batch_var * bessel_factor(count)).astype(ct)
     if factor != 1.0:
-        batch_mean = ((1.0 - factor) * mean_v + factor * batch_mean).astype(ct)
-        batch_var = ((1.0 - factor) * var_v + factor * batch_var).astype(ct)
+        batch_mean = ((1.0 - factor) * mean + factor * batch_mean).astype(ct)
+        batch_var = ((1.0 - factor) * variance + factor * batch_var).astype(ct)
     return _finish(y3, x, out), batch_mean, batch_var
 
 

@@ -59,6 +59,10 @@ DEF CHANNEL_TILE = 256
 DEF ILL_CONDITIONED = 64.0
 
 
+# Exposed so that the backend skips thread bookkeeping where the kernels would not use it.
+serial_below = SERIAL_BELOW
+
+
 def openmp_enabled():
     """True when the extension was compiled with OpenMP."""
     return bool(fastbn_have_openmp())

@@ -63,8 +63,9 @@ class CythonBackend(Backend):
         mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
         self.description = f"Cython fused kernels ({self.isa}, {mode})"
 
-    def threads(self):
-        if not self.openmp:
+    def threads(self, size=None):
+        """Threads for a kernel call (on `size` elements: small ones run on one)."""
+        if not self.openmp or (size is not None and size < self._k.serial_below):
             return 1
         requested = os.environ.get(NUM_THREADS_VAR)
         if requested:
@@ -111,14 +112,14 @@ class CythonBackend(Backend):
                 from .numpy_backend import NumpyBackend
                 return NumpyBackend().moments(x, weights)
             w = np.broadcast_to(np.ascontiguousarray(w), xk.shape)
-        return self._k.moments(xk, w, self.threads())
+        return self._k.moments(xk, w, self.threads(xk.size))
 
     def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
         xk = self._input(x)
         ct = xk.dtype
         y = self._output(x, xk, out)
         self._k.normalize(xk, y, np.ascontiguousarray(mean, ct), np.ascontiguousarray(multiplier, ct),
-                          np.ascontiguousarray(offset, ct), bool(relu), self.threads())
+                          np.ascontiguousarray(offset, ct), bool(relu), self.threads(xk.size))
         return self._finish(x, y, out)
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
@@ -128,7 +129,7 @@ class CythonBackend(Backend):
         y = self._output(x, xk, out)
         mean, var = self._k.train_forward(
             xk, y, np.ascontiguousarray(scale, np.float64), np.ascontiguousarray(offset, np.float64),
-            float(epsilon), bool(relu), self.threads())
+            float(epsilon), bool(relu), self.threads(xk.size))
         return self._finish(x, y, out), mean, var
 
 
