@@ -54,6 +54,10 @@ DEF FLUSH = 64
 DEF SERIAL_BELOW = 65536
 # Channels per block in the rows layout.
 DEF CHANNEL_TILE = 256
+# Normalising rows wider than this many channels goes tile by tile, NORM_ROWS rows
+# at a time, keeping each tile's parameters in L1.
+DEF NORM_TILE = 1024
+DEF NORM_ROWS = 8
 # A block whose shift is more than sqrt(this) standard deviations from its mean
 # is reduced again, centred on its mean.
 DEF ILL_CONDITIONED = 64.0
@@ -537,7 +541,28 @@ cdef void _normalize(const floating* x, floating* y, Geometry* g, const floating
     cdef floating* yr
     cdef floating mc, kc, bc, v
     cdef int nt = _threads(N * C * M, n_threads)
-    if M == 1:
+    cdef Py_ssize_t n_tiles, n_row_blocks, blk, r0, r1, c0, w
+    if M == 1 and C > NORM_TILE:
+        # Wide rows: tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
+        # mean, k and b stay in L1 across its rows.
+        n_tiles = (C + NORM_TILE - 1) // NORM_TILE
+        n_row_blocks = (N + NORM_ROWS - 1) // NORM_ROWS
+        for blk in prange(n_row_blocks * n_tiles, schedule="static", num_threads=nt):
+            r0 = (blk // n_tiles) * NORM_ROWS
+            r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
+            c0 = (blk % n_tiles) * NORM_TILE
+            w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
+            for r in range(r0, r1):
+                xr = x + r * C + c0
+                yr = y + r * C + c0
+                if relu:
+                    for j in range(w):
+                        v = (xr[j] - mean[c0 + j]) * k[c0 + j] + b[c0 + j]
+                        yr[j] = v if v > 0 else 0
+                else:
+                    for j in range(w):
+                        yr[j] = (xr[j] - mean[c0 + j]) * k[c0 + j] + b[c0 + j]
+    elif M == 1:
         for r in prange(N, schedule="static", num_threads=nt):
             xr = x + r * C
             yr = y + r * C
