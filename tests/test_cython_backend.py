@@ -13,9 +13,14 @@ import fastbn
 from fastbn import nn
 from fastbn.backends import cython_backend
 
-KERNELS = [importlib.import_module(f"fastbn._cy.kernels_{isa}")
-           for isa in ("baseline", "avx2")
-           if isa == "baseline" or cython_backend.cpu_has_avx2()]
+try:
+    KERNELS = [importlib.import_module(f"fastbn._cy.kernels_{isa}")
+               for isa in ("baseline", "avx2")
+               if isa == "baseline" or cython_backend.cpu_has_avx2()]
+except ImportError as err:
+    raise ImportError(
+        f"fastbn's compiled kernels are missing ({err}): tests import the checkout, so build "
+        "them in place with `pip install -e .`") from None
 # Shapes above the kernels' serial threshold, in both layouts, with ragged blocks.
 SHAPES = [(5003, 37, 1), (12, 5, 2011), (3, 2, 40000)]
 
