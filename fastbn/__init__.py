@@ -19,6 +19,7 @@ from ._graph import (
     reset_default_graph,
 )
 from ._ops import Operation, UpdateOpsWarning, apply_updates, run
+from ._tape import GradientTape
 from ._variables import (
     AUTO_REUSE,
     RegularizationLoss,
@@ -55,6 +56,7 @@ def get_regularization_losses(scope=None):
 
 __all__ = [
     "AUTO_REUSE",
+    "GradientTape",
     "Graph",
     "GraphKeys",
     "Operation",

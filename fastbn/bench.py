@@ -9,6 +9,8 @@ in the same run gives each case's memory roofline: the bytes its passes must
 move (3 for a training forward, 2 for inference) divided by that bandwidth.
 
 Ops: `train` (fused_batch_norm training forward), `infer` (inference),
+`backward` (fused_batch_norm_grad in training: input, scale and offset
+gradients, against torch autograd of F.batch_norm on a retained graph),
 `layer` (the whole fastbn.batch_norm layer with in-place updates, against
 torch's F.batch_norm in training mode: what a call costs end to end).
 Outputs go to preallocated buffers (`out=`) where the side allows it.
@@ -32,8 +34,8 @@ CASES = [
     ("NHWC 4x4x4x8 (tiny)", (4, 4, 4, 8), "NHWC"),
 ]
 QUICK_CASES = [CASES[2], CASES[3], CASES[5]]
-OPS = ("train", "infer", "layer")
-PASSES = {"train": 3, "infer": 2, "layer": 3}
+OPS = ("train", "infer", "backward", "layer")
+PASSES = {"train": 3, "infer": 2, "backward": 5, "layer": 3}
 COMPARATORS = ("torch", "tf")
 
 
@@ -48,6 +50,9 @@ def _fastbn_side(backend, x, fmt):
     out = np.empty_like(x)
     graph = fastbn.Graph()
     nn = fastbn.nn
+    dy = np.random.default_rng(1).standard_normal(x.shape, dtype=np.float32)
+    axes = tuple(a for a in range(x.ndim) if a != (1 if fmt == "NCHW" else x.ndim - 1))
+    batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
 
     def train():
         with fastbn.backends.use(backend):
@@ -58,12 +63,17 @@ def _fastbn_side(backend, x, fmt):
             nn.fused_batch_norm(x, scale, offset, mean, var, data_format=fmt, is_training=False,
                                 out=out)
 
+    def backward():
+        with fastbn.backends.use(backend):
+            nn.fused_batch_norm_grad(dy, x, scale, batch_mean, batch_var, data_format=fmt,
+                                     out=out)
+
     def layer():
         with fastbn.backends.use(backend), graph.as_default():
             fastbn.batch_norm(x, data_format=fmt, scope="bn", reuse=fastbn.AUTO_REUSE,
                               updates_collections=None)
 
-    return {"train": train, "infer": infer, "layer": layer}
+    return {"train": train, "infer": infer, "backward": backward, "layer": layer}
 
 
 def _torch_side(x, fmt, threads):
@@ -88,7 +98,17 @@ def _torch_side(x, fmt, threads):
         with torch.no_grad():
             F.batch_norm(t, running_mean, running_var, weight, bias, training=False)
 
-    return {"train": train, "infer": infer, "layer": train}
+    tg = t.detach().clone().requires_grad_(True)
+    wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    y = F.batch_norm(tg, running_mean.clone(), running_var.clone(), wg, bg, training=True)
+    dy = torch.from_numpy(np.random.default_rng(1).standard_normal(x.shape, dtype=np.float32))
+    if x.ndim == 4 and fmt == "NHWC":
+        dy = dy.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    def backward():
+        torch.autograd.grad(y, [tg, wg, bg], dy, retain_graph=True)
+
+    return {"train": train, "infer": infer, "backward": backward, "layer": train}
 
 
 def _tf_side(x, fmt):

@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 
-from . import nn
+from . import _tape, nn
 from ._graph import GraphKeys, get_default_graph
 from ._ops import Operation, UpdateTracker
 from ._variables import Variable, get_variable, model_variable, variable_scope
@@ -444,22 +444,76 @@ def batch_norm(inputs,
                         and adjustment is None)
     if fused is not False and possible_to_fuse and (
             zero_debias_moving_mean or x.ndim == 2 or not default_updates):
-        outputs, sc_name = _slim_fused(zero_debias=zero_debias_moving_mean, **args)
+        outputs, node = _slim_fused(zero_debias=zero_debias_moving_mean, **args)
     elif batch_weights is None and default_updates and not zero_debias_moving_mean:
-        outputs, sc_name = _core_layer(
+        outputs, node = _core_layer(
             fused=fused is not False, renorm=renorm, renorm_clipping=renorm_clipping,
             renorm_decay=renorm_decay, adjustment=adjustment, **args)
     else:
         if renorm:
             raise ValueError("renorm is not supported with batch_weights, "
                              "updates_collections or zero_debias_moving_mean")
-        outputs, sc_name = _legacy(batch_weights=batch_weights,
-                                   zero_debias=zero_debias_moving_mean, **args)
+        outputs, node = _legacy(batch_weights=batch_weights,
+                                zero_debias=zero_debias_moving_mean, **args)
     if activation_fn is not None and activation_fn is not nn.relu:
         outputs = activation_fn(outputs)
+    if node is not None:
+        node.inputs = inputs
+        node.output = outputs
+        node.activation = activation_fn
+        for tape in _tape.recording():
+            tape._record(node)
     if outputs_collections:
         get_default_graph().add_to_collections(outputs_collections, outputs)
     return outputs
+
+
+def _node(x, axis, mean, variance, epsilon, training, gamma, beta, moving_mean,
+          moving_variance, moving_grads, weights=None, adj=(1.0, 0.0), rd=(1.0, 0.0)):
+    """A tape record of one call (see fastbn._tape._Node); vectors copied to float64."""
+    node = _tape._Node()
+    node.x = x
+    node.axis = axis
+    node.mean = np.array(mean, np.float64)
+    node.variance = np.array(variance, np.float64)
+    node.epsilon = epsilon
+    node.training = training
+    node.weights = weights
+    node.gamma = gamma
+    node.beta = beta
+    node.gamma_value = 1.0 if gamma is None else gamma._value.astype(np.float64)
+    node.adj_scale, node.adj_bias = (np.array(v, np.float64) for v in adj)
+    node.r, node.d = (np.array(v, np.float64) for v in rd)
+    node.moving_mean = moving_mean
+    node.moving_variance = moving_variance
+    node.moving_grads = moving_grads
+    return node
+
+
+def _fused_node(x, axis, gamma, beta, moving_mean, moving_variance, epsilon, training_now,
+                mean, variance, moving_grads=None):
+    """The record of a call through the fused op, which gives the moving statistics None.
+
+    (Keras picks its fused op's statistics with a cond when is_training is a
+    Variable: TF then gives them zeros, `moving_grads="zeros"`.)
+    """
+    if training_now:
+        # The fused op returns the Bessel-corrected variance; it normalised with the biased.
+        count = x.size // x.shape[axis]
+        mean, variance = mean, np.asarray(variance, np.float64) / nn.bessel_factor(count)
+    else:
+        mean, variance = moving_mean._value, moving_variance._value
+    return _node(x, axis, mean, variance, max(epsilon, nn.FUSED_MIN_EPSILON), training_now,
+                 gamma, beta, moving_mean, moving_variance, moving_grads)
+
+
+def _moving_grads(training, training_now):
+    """What TF's non-fused paths give the moving statistics: None, zeros or values."""
+    if training.constant is True:
+        return None
+    if training.constant is None and training_now:
+        return "zeros"  # the cond's other branch
+    return "values"
 
 
 def _check_batch_weights(batch_weights, x):
@@ -567,6 +621,10 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
         outputs, mean, variance = _fused_forward(
             x, axis, gamma, beta, moving_mean, moving_variance, epsilon, training_now,
             fast_relu)
+        node = None
+        if _tape.recording():
+            node = _fused_node(x, axis, gamma, beta, moving_mean, moving_variance, epsilon,
+                               training_now, mean, variance)
         if training.may_train:
             if not training_now:
                 # An is_training Variable that reads False now may read True when an
@@ -576,7 +634,7 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
             update_mean = _mean_update(moving_mean, mean, decay, zero_debias, False)
             update_variance = _ema_fn(moving_variance, variance, decay)
             _apply_or_collect(updates, training_now, update_mean, update_variance)
-    return outputs, sc.name
+    return outputs, node
 
 
 def _ema_fn(var, value, decay):
@@ -663,14 +721,24 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
                 if not training_now:
                     mean, variance = _bessel_corrected_moments(x, axis)
                 updates = _Updates(graph, training, updates_collections, sc.name)
+            node = None
+            if _tape.recording():
+                node = _fused_node(x, axis, gamma, beta, moving_mean, moving_variance, epsilon,
+                                   training_now, mean, variance,
+                                   "zeros" if training.constant is None else None)
+            if collect:
+                if not training_now:
+                    mean, variance = _bessel_corrected_moments(x, axis)
+                updates = _Updates(graph, training, updates_collections, sc.name)
                 updates.collect(updates.op("AssignMovingAvg", _ema_fn(moving_mean, mean, decay)),
                                 updates.op("AssignMovingAvg",
                                            _ema_fn(moving_variance, variance, decay)))
-            return outputs, sc.name
+            return outputs, node
 
         ct = compute_dtype(x.dtype)
         scale_v = None if gamma is None else gamma._value.astype(ct)
         offset_v = None if beta is None else beta._value.astype(ct)
+        adj = rd = (1.0, 0.0)
         if not training.may_train:
             mean, variance = moving_mean._value, moving_variance._value
         else:
@@ -678,9 +746,9 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
                 adj_scale, adj_bias = adjustment(np.array(x.shape, dtype=np.int32))
                 if not training_now:
                     adj_scale, adj_bias = 1.0, 0.0
-                scale_v, offset_v = _compose(_per_channel(adj_scale, channels[0], ct, "scale"),
-                                             _per_channel(adj_bias, channels[0], ct, "bias"),
-                                             scale_v, offset_v)
+                adj = (_per_channel(adj_scale, channels[0], ct, "scale"),
+                       _per_channel(adj_bias, channels[0], ct, "bias"))
+                scale_v, offset_v = _compose(adj[0], adj[1], scale_v, offset_v)
             reduce_axes = [a for a in range(x.ndim) if a != axis]
             batch_mean, batch_var = nn.moments(x.astype(param_dtype, copy=False), reduce_axes)
             if training_now:
@@ -694,6 +762,7 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
                     batch_mean, batch_var, renorm_mean, renorm_stddev, epsilon, renorm_clipping,
                     renorm_decay, training_now, updates)
                 scale_v, offset_v = _compose(r.astype(ct), d.astype(ct), scale_v, offset_v)
+                rd = (r, d)
                 deps = (renorm_op,)
             if collect:
                 update_mean = updates.op("AssignMovingAvg",
@@ -710,7 +779,11 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
                         "AssignMovingAvg", _ema_fn(moving_variance, batch_var, decay), deps)
                 updates.collect(update_mean, update_variance)
         outputs = _normalize(x, axis, mean, variance, offset_v, scale_v, epsilon, fast_relu)
-    return outputs, sc.name
+        node = None
+        if _tape.recording():
+            node = _node(x, axis, mean, variance, epsilon, training_now, gamma, beta, moving_mean,
+                         moving_variance, _moving_grads(training, training_now), adj=adj, rd=rd)
+    return outputs, node
 
 
 def _per_channel(value, channels, dtype, what):
@@ -810,4 +883,20 @@ def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
         outputs = _normalize(x, axis, mean, variance,
                              None if beta is None else beta._value,
                              None if gamma is None else gamma._value, epsilon, fast_relu)
-    return outputs, sc.name
+        node = None
+        if _tape.recording():
+            weights = None
+            if batch_weights is not None and training_now:
+                weights = _position_weights(batch_weights, x, axis)
+            node = _node(x, axis, mean, variance, epsilon, training_now, gamma, beta, moving_mean,
+                         moving_variance, _moving_grads(training, training_now), weights=weights)
+    return outputs, node
+
+
+def _position_weights(batch_weights, x, axis):
+    """Per-example weights laid out as (N, 1, M), the channel view's positions."""
+    per_example = batch_weights.reshape((-1,) + (1,) * (x.ndim - 1))
+    shape = list(x.shape)
+    shape[axis] = 1
+    n = int(np.prod(x.shape[:axis], dtype=np.int64))
+    return np.ascontiguousarray(np.broadcast_to(per_example, shape)).reshape(n, 1, -1)

@@ -20,6 +20,7 @@ __all__ = [
     "weighted_moments",
     "batch_normalization",
     "fused_batch_norm",
+    "fused_batch_norm_grad",
     "relu",
     "relu6",
     "sigmoid",
@@ -500,6 +501,81 @@ def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is
         batch_mean = ((1.0 - factor) * mean + factor * batch_mean).astype(ct)
         batch_var = ((1.0 - factor) * variance + factor * batch_var).astype(ct)
     return _finish(y3, x, out), batch_mean, batch_var
+
+
+# --------------------------------------------------------------------------
+# gradients
+
+
+def batch_norm_backward(x, dy, axis, mean, variance, epsilon, scale, training, weights=None,
+                        out=None):
+    """The gradient of y = (x - mean) / sqrt(variance + epsilon) * scale + ..., per channel.
+
+    With `training`, mean and variance are the batch's (weighted by `weights`,
+    one per position of the (N, 1, M) channel view, when given) and the
+    gradient flows through them; otherwise they are constants.  `scale` is the
+    effective per-channel factor on the normalized value.  Returns
+    `(dx, sum_dy, sum_dy_xhat)`: dx in dy's dtype, and the float64 per-channel
+    sums the parameter gradients are made of.
+    """
+    def vector(v):
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), (x.shape[axis],)))
+
+    dx3, sum_dy, sum_dy_xhat = backends.get().backward(
+        channel_view(x, axis), channel_view(dy, axis), vector(mean), vector(variance),
+        vector(scale), float(epsilon), bool(training), weights=weights,
+        out=_out_view(out, axis))
+    return _finish(dx3, dy, out), sum_dy, sum_dy_xhat
+
+
+def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_format="NHWC",
+                          is_training=True, out=None):
+    """The gradient of `fused_batch_norm`, as TF's FusedBatchNormGrad.
+
+    Args:
+      dy: the gradient with respect to the output, of x's shape and dtype.
+      x: the input the forward normalized.
+      scale: the per-channel scale (gamma) the forward used.
+      mean, variance: in training, the batch mean and the *biased* batch
+        variance the forward normalized with (not the Bessel-corrected one it
+        returns); in inference, the moving statistics it used.
+      epsilon: as given to the forward (raised to at least 1.001e-5 likewise).
+      data_format: 'NHWC' or 'NCHW', any rank >= 2.
+      is_training: whether the forward used batch statistics.
+      out: an array of x's shape and dtype to write dx into.
+
+    Returns:
+      `(dx, dscale, doffset)`: dx in x's dtype; dscale = sum(dy * x_hat) and
+      doffset = sum(dy) per channel, float32 (float64 for float64 input).
+      In training dx = scale / sqrt(var + eps) * (dy - mean(dy) - x_hat *
+      mean(dy * x_hat)); in inference dx = dy * scale / sqrt(var + eps).
+    """
+    x = as_float_array(x, "x")
+    dy = as_float_array(dy, "dy")
+    if x.ndim < 2:
+        raise ValueError(f"x must have rank >= 2, got shape {x.shape}")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    axis = channel_axis(data_format, x.ndim)
+    channels = x.shape[axis]
+    if channels == 0:
+        raise ValueError(f"x has an empty channel dimension (shape {x.shape})")
+    epsilon = max(_check_epsilon(epsilon), FUSED_MIN_EPSILON)
+    if is_training is not True and is_training is not False:
+        if not isinstance(is_training, np.bool_):
+            raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
+        is_training = bool(is_training)
+    scale_v = as_channel_vector(scale, channels, np.float64, "scale")
+    mean_v = as_channel_vector(mean, channels, np.float64, "mean")
+    var_v = as_channel_vector(variance, channels, np.float64, "variance")
+    if out is not None:
+        check_out(out, x)
+    dx, sum_dy, sum_dy_xhat = batch_norm_backward(x, dy, axis, mean_v, var_v, epsilon, scale_v,
+                                                  is_training, out=out)
+    ct = compute_dtype(x.dtype)
+    return dx, sum_dy_xhat.astype(ct), sum_dy.astype(ct)
 
 
 # --------------------------------------------------------------------------

@@ -104,6 +104,16 @@ def test_layer_matches_tensorflow(case, backend):
     assert graph is fb.get_default_graph()
 
 
+def _forward_statistics(case, inputs):
+    """What the forward normalized with: batch mean and biased variance, or the given ones."""
+    if not case["is_training"]:
+        return inputs["mean"], inputs["variance"]
+    x = inputs["x"].astype(np.float64)
+    axis = 1 if case["data_format"] == "NCHW" else x.ndim - 1
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+    return x.mean(axis=axes), x.var(axis=axes)
+
+
 def _nn_inputs(case):
     prefix = f"{case['id']}|in|"
     return {k[len(prefix):]: NN_ARRAYS[k] for k in NN_ARRAYS.files if k.startswith(prefix)}
@@ -124,6 +134,11 @@ def test_nn_op_matches_tensorflow(case, backend):
         outs = [fb.nn.batch_normalization(x, inputs["mean"], inputs["variance"],
                                           inputs["offset"] if p else None,
                                           inputs["scale"] if p else None, case["epsilon"])]
+    elif op == "fused_batch_norm_grad":
+        outs = fb.nn.fused_batch_norm_grad(
+            inputs["dy"], x, inputs["scale"], *_forward_statistics(case, inputs),
+            epsilon=case["epsilon"], data_format=case["data_format"],
+            is_training=case["is_training"])
     else:
         use_stats = not case["is_training"] or case["exponential_avg_factor"] != 1.0
         outs = fb.nn.fused_batch_norm(

@@ -259,3 +259,93 @@ def hash_id(text):
     for ch in text.encode():
         h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
     return h
+
+
+# --------------------------------------------------------------------------
+# gradients: tf.gradients of the layer's output, with respect to the input
+# and every variable it reads
+
+GRAD_PATHS = {
+    "slimfused": {"updates_collections": None},
+    "core": {},
+    "corenonfused": {"fused": False},
+    "legacy": {"updates_collections": [CUSTOM_UPDATES], "fused": False},
+    "weights": {"_batch_weights": True},
+}
+# is_training: a constant, or a Variable reading True or False ("varT", "varF").
+TRAININGS = (True, False, "varT", "varF")
+
+
+def grad_cases():
+    out = []
+
+    def add(case):
+        case.setdefault("batch_weights", False)
+        case["shapes"] = case["shapes"][:1]
+        training = case["training"]
+        case["training"] = ([training == "varT"] if isinstance(training, str) else training)
+        if not _tf_runs(case):
+            case["tf_dtype"] = "float32"
+        out.append(case)
+
+    def kw_for(path, extra):
+        kw = {"scope": SCOPE, "scale": True, **GRAD_PATHS[path], **extra}
+        weighted = kw.pop("_batch_weights", False)
+        return kw, weighted
+
+    for path, training, fmt, rank, dtype in itertools.product(
+            GRAD_PATHS, TRAININGS, ("NHWC", "NCHW"), (2, 3, 4, 5),
+            ("float16", "float32", "float64")):
+        kw, weighted = kw_for(path, {"data_format": fmt})
+        add({"id": f"grad-{path}-t{training}-r{rank}-{fmt}-{dtype}",
+             "shapes": _shapes(rank, fmt), "dtype": dtype, "kwargs": kw, "training": training,
+             "batch_weights": weighted})
+    for path, training, (center, scale) in itertools.product(
+            GRAD_PATHS, (True, False), ((True, False), (False, True), (False, False))):
+        kw, weighted = kw_for(path, {"center": center, "scale": scale})
+        add({"id": f"grad-{path}-t{training}-c{int(center)}s{int(scale)}",
+             "shapes": _shapes(4, "NHWC"), "dtype": "float32", "kwargs": kw,
+             "training": training, "batch_weights": weighted})
+    for path, training, act in itertools.product(
+            GRAD_PATHS, (True, False), ("relu", "relu6", "sigmoid", "tanh", "elu")):
+        kw, weighted = kw_for(path, {"activation_fn": act})
+        add({"id": f"grad-{path}-t{training}-{act}", "shapes": _shapes(4, "NCHW"),
+             "dtype": "float32", "kwargs": {**kw, "data_format": "NCHW"}, "training": training,
+             "batch_weights": weighted})
+    clippings = {"noclip": None, "clip": {"rmin": 0.9, "rmax": 1.1, "dmax": 0.05}}
+    for training, fmt, rank, dtype, (cname, clip) in itertools.product(
+            TRAININGS, ("NHWC", "NCHW"), (2, 4), ("float16", "float32", "float64"),
+            clippings.items()):
+        kw = {"scope": SCOPE, "scale": True, "renorm": True, "data_format": fmt,
+              "param_initializers": {"moving_variance": ["constant", [2.0, 0.5, 1.0]],
+                                     "gamma": ["constant", [1.5, 0.5, 2.0]]}}
+        if clip is not None:
+            kw["renorm_clipping"] = clip
+        add({"id": f"grad-renorm-t{training}-r{rank}-{fmt}-{dtype}-{cname}",
+             "shapes": _shapes(rank, fmt), "dtype": dtype, "kwargs": kw, "training": training})
+    for training, fmt, rank in itertools.product(TRAININGS, ("NHWC", "NCHW"), (2, 4)):
+        kw = {"scope": SCOPE, "scale": True, "data_format": fmt,
+              "adjustment": {"scale": [1.05, 0.95, 1.0], "bias": [0.1, -0.05, 0.0],
+                             "shape": _param_shape(rank, fmt)}}
+        add({"id": f"grad-adjust-t{training}-r{rank}-{fmt}", "shapes": _shapes(rank, fmt),
+             "dtype": "float32", "kwargs": kw, "training": training})
+        kw = dict(kw, renorm=True, renorm_clipping={"rmax": 1.05})
+        add({"id": f"grad-adjust-renorm-t{training}-r{rank}-{fmt}", "shapes": _shapes(rank, fmt),
+             "dtype": "float32", "kwargs": kw, "training": training})
+    for path, training in itertools.product(("slimfused", "legacy"), TRAININGS):
+        kw, weighted = kw_for(path, {"zero_debias_moving_mean": True})
+        add({"id": f"grad-{path}-zd-t{training}", "shapes": _shapes(4, "NHWC"),
+             "dtype": "float32", "kwargs": kw, "training": training})
+    ids = [c["id"] for c in out]
+    assert len(ids) == len(set(ids)), "case ids must be unique"
+    return out
+
+
+def make_output_gradient(case, dtype=None):
+    """The gradient fed back into the output: deterministic, per case."""
+    rng = np.random.RandomState(hash_id(case["id"] + "|dy") % (2**31))
+    return rng.standard_normal(case["shapes"][0]).astype(dtype or case["dtype"])
+
+
+# The sources whose gradients are recorded, in this order.
+GRAD_SOURCES = ("x", "beta", "gamma", "moving_mean", "moving_variance")

@@ -13,8 +13,10 @@ Run it in a venv of its own (see ../shared/REFERENCE.md):
     ../tfref/bin/pip install tensorflow-cpu==2.21.0 tf-slim==1.1.0 tf-keras==2.21.0
     ../tfref/bin/python tools/record_tf_fixtures.py
 
-It writes tests/fixtures/tf_layer.json, tests/fixtures/tf_layer.npz,
-tests/fixtures/tf_nn.json and tests/fixtures/tf_nn.npz.
+It writes tests/fixtures/tf_layer.{json,npz} (layer outputs, variables and
+collections over several steps), tests/fixtures/tf_grad.{json,npz}
+(tf.gradients of the layer) and tests/fixtures/tf_nn.{json,npz} (the nn
+ops, FusedBatchNormGrad included).
 """
 
 import json
@@ -174,6 +176,9 @@ def nn_cases():
                         out.append({"op": "fused_batch_norm", "shape": shape, "dtype": dtype,
                                     "data_format": fmt, "is_training": training,
                                     "exponential_avg_factor": factor, "epsilon": 0.001})
+                    out.append({"op": "fused_batch_norm_grad", "shape": shape, "dtype": dtype,
+                                "data_format": fmt, "is_training": training, "epsilon": 0.01,
+                                "exponential_avg_factor": 1.0})
     out.append({"op": "batch_normalization", "shape": [3, 4, 2, 3], "dtype": "float32",
                 "pshape": [4, 1, 3], "with_params": True, "epsilon": 0.001})
     out.append({"op": "batch_normalization", "shape": [3, 4, 2, 3], "dtype": "float32",
@@ -201,7 +206,9 @@ def nn_inputs(case):
         inputs["offset"] = rng.uniform(-1, 1, pshape).astype(case["dtype"])
         inputs["scale"] = rng.uniform(0.5, 2, pshape).astype(case["dtype"])
         del pdtype
-    if case["op"] == "fused_batch_norm":
+    if case["op"] == "fused_batch_norm_grad":
+        inputs["dy"] = rng.standard_normal(shape).astype(case["dtype"])
+    if case["op"] in ("fused_batch_norm", "fused_batch_norm_grad"):
         c = shape[1] if case["data_format"] == "NCHW" else shape[-1]
         for name, lo, hi in (("scale", 0.5, 2), ("offset", -1, 1), ("mean", -1, 1),
                              ("variance", 0.5, 2)):
@@ -253,12 +260,58 @@ def record_nn_case(case, arrays):
                 epsilon=case["epsilon"], data_format=fmt, is_training=training,
                 exponential_avg_factor=factor)
             outs = [tf.reshape(y, inputs["x"].shape), m, v]
+            if op == "fused_batch_norm_grad":
+                dx, dscale, doffset = tf.gradients(
+                    y, [x, ph["scale"], ph["offset"]],
+                    grad_ys=tf.reshape(ph["dy"], shape4))
+                outs = [dx, dscale, doffset]
         with tf1.Session(graph=g) as sess:
             values = sess.run(list(outs), {ph[k]: v for k, v in inputs.items()})
     for name, value in inputs.items():
         arrays[f"{case['id']}|in|{name}"] = value
     for i, value in enumerate(values):
         arrays[f"{case['id']}|out|{i}"] = np.asarray(value)
+
+
+def record_grad_case(case, arrays):
+    """tf.gradients of the layer's output (times dy) for the input and its variables."""
+    dtype = case.get("tf_dtype", case["dtype"])
+    param_dtype = tf.float64 if dtype == "float64" else tf.float32
+    kwargs = tf_cases.decode(case["kwargs"], _TFLib(param_dtype), ACTIVATIONS)
+    shape = case["shapes"][0]
+    training = case["training"]
+    g = tf.Graph()
+    with g.as_default():
+        x_ph = tf1.placeholder(dtype, shape, name="x")
+        feed_w = None
+        if case["batch_weights"]:
+            feed_w = tf1.placeholder(dtype, [shape[0]], name="batch_weights")
+            kwargs["batch_weights"] = feed_w
+        is_training = training
+        if isinstance(training, list):
+            is_training = tf1.Variable(training[0], trainable=False, name="is_training")
+        y = slim.batch_norm(x_ph, is_training=is_training, **kwargs)
+        by_name = {v.op.name.rsplit("/", 1)[-1]: v for v in g.get_collection(GK.GLOBAL_VARIABLES)
+                   if v.op.name.startswith(tf_cases.SCOPE + "/")}
+        names = [n for n in tf_cases.GRAD_SOURCES if n == "x" or n in by_name]
+        sources = [x_ph if n == "x" else by_name[n] for n in names]
+        dy = tf_cases.make_output_gradient(case, dtype)
+        grads = tf.gradients(y, sources, grad_ys=tf.constant(dy))
+        x, w = tf_cases.make_inputs(case, 0, dtype)
+        feed = {x_ph: x}
+        if feed_w is not None:
+            feed[feed_w] = w
+        with tf1.Session(graph=g) as sess:
+            sess.run(tf1.global_variables_initializer())
+            values = sess.run([gr for gr in grads if gr is not None], feed)
+    it = iter(values)
+    expected = {"sources": names, "none": []}
+    for name, gr in zip(names, grads):
+        if gr is None:
+            expected["none"].append(name)
+        else:
+            arrays[f"{case['id']}|grad|{name}"] = np.asarray(next(it))
+    return expected
 
 
 def main():
@@ -275,6 +328,16 @@ def main():
     with open(os.path.join(OUT, "tf_layer.json"), "w") as f:
         json.dump(meta, f, indent=0, sort_keys=True)
     np.savez_compressed(os.path.join(OUT, "tf_layer.npz"), **layer_arrays)
+
+    grad_arrays, gcases = {}, []
+    for case in tf_cases.grad_cases():
+        case = dict(case)
+        case["expected"] = record_grad_case(case, grad_arrays)
+        gcases.append(case)
+    with open(os.path.join(OUT, "tf_grad.json"), "w") as f:
+        json.dump({"tensorflow": tf.__version__, "cases": gcases}, f, indent=0, sort_keys=True)
+    np.savez_compressed(os.path.join(OUT, "tf_grad.npz"), **grad_arrays)
+    print(f"recorded {len(gcases)} gradient cases", flush=True)
 
     nn_arrays, ncases = {}, nn_cases()
     for case in ncases:

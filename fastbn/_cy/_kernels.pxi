@@ -591,6 +591,171 @@ cdef void _normalize(const floating* x, floating* y, Geometry* g, const floating
 
 
 # ---------------------------------------------------------------------------
+# gradient: per-channel sums of dy and dy * (x - mean), then dx elementwise
+
+cdef void _grad_rows_block(const floating* x, const floating* dy, Py_ssize_t C,
+                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
+                           const double* mean, floating* cen, floating* s1, floating* s2,
+                           double* d1, double* d2) noexcept nogil:
+    """Adds sum(dy) and sum(dy * (x - mean)) of a rows block into d1[j], d2[j]."""
+    cdef Py_ssize_t r, j, r_end
+    cdef const floating* xr
+    cdef const floating* gr
+    cdef floating v, v1
+    for j in range(w):
+        cen[j] = <floating>mean[c0 + j]
+        d1[j] = 0.0
+        d2[j] = 0.0
+    r = r0
+    while r < r1:
+        r_end = r + FLUSH if r + FLUSH < r1 else r1
+        for j in range(w):
+            s1[j] = 0
+            s2[j] = 0
+        # Two rows per visit of the accumulators.
+        while r + 2 <= r_end:
+            xr = x + r * C + c0
+            gr = dy + r * C + c0
+            for j in range(w):
+                v = gr[j]
+                v1 = gr[j + C]
+                s1[j] += v + v1
+                s2[j] += v * (xr[j] - cen[j]) + v1 * (xr[j + C] - cen[j])
+            r += 2
+        while r < r_end:
+            xr = x + r * C + c0
+            gr = dy + r * C + c0
+            for j in range(w):
+                v = gr[j]
+                s1[j] += v
+                s2[j] += v * (xr[j] - cen[j])
+            r += 1
+        for j in range(w):
+            d1[j] += s1[j]
+            d2[j] += s2[j]
+    # The centre the data type used differs from mean by a rounding: correct for it.
+    for j in range(w):
+        d2[j] += (<double>cen[j] - mean[c0 + j]) * d1[j]
+
+
+cdef void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_t length,
+                         floating centre, double* sum1, double* sum2) noexcept nogil:
+    cdef floating a1[32]
+    cdef floating a2[32]
+    cdef int lanes = 32 if floating is float else 16
+    cdef Py_ssize_t i = 0, j, steps, end = length - length % lanes
+    cdef floating v
+    while i < end:
+        for j in range(lanes):
+            a1[j] = 0
+            a2[j] = 0
+        steps = 0
+        while i < end and steps < FLUSH:
+            for j in range(lanes):
+                v = dy[i + j]
+                a1[j] += v
+                a2[j] += v * (x[i + j] - centre)
+            i += lanes
+            steps += 1
+        sum1[0] += _lanes_sum(a1, lanes)
+        sum2[0] += _lanes_sum(a2, lanes)
+    while i < length:
+        sum1[0] += dy[i]
+        sum2[0] += <double>dy[i] * (x[i] - centre)
+        i += 1
+
+
+cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const double* mean,
+                     int n_threads, double* part1, double* part2, double* out1,
+                     double* out2) noexcept nogil:
+    """Per-channel sum(dy) and sum(dy * (x - mean)): block partials, summed in block order."""
+    cdef Py_ssize_t C = g.C, nblocks, b, rt, ct, c0, w, r0, r1, c, blk, j, group, chunk
+    cdef Py_ssize_t n0, n1, m0, length, n
+    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    cdef floating* buf = NULL
+    cdef double s1, s2
+    cdef floating centre
+    if g.M == 1:
+        nblocks = g.n_row_tiles * g.n_channel_tiles
+        with parallel(num_threads=nt):
+            buf = <floating*>malloc(3 * CHANNEL_TILE * sizeof(floating))
+            for b in prange(nblocks, schedule="static"):
+                rt = b // g.n_channel_tiles
+                ct = b % g.n_channel_tiles
+                c0 = ct * g.channel_tile
+                w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
+                r0 = rt * g.row_tile
+                r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
+                _grad_rows_block(x, dy, C, r0, r1, c0, w, mean, buf, buf + CHANNEL_TILE,
+                                 buf + 2 * CHANNEL_TILE, part1 + rt * C + c0,
+                                 part2 + rt * C + c0)
+            free(buf)
+    else:
+        nblocks = C * g.blocks_per_channel
+        for b in prange(nblocks, schedule="static", num_threads=nt):
+            c = b // g.blocks_per_channel
+            blk = b % g.blocks_per_channel
+            group = blk // g.chunks_per_run
+            chunk = blk % g.chunks_per_run
+            n0 = group * g.runs_per_block
+            n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
+            m0 = chunk * g.chunk
+            length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
+            centre = <floating>mean[c]
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(n0, n1):
+                _grad_run_sums(x + (n * C + c) * g.M + m0, dy + (n * C + c) * g.M + m0, length,
+                               centre, &s1, &s2)
+            part1[blk * C + c] = s1
+            part2[blk * C + c] = s2 + (<double>centre - mean[c]) * s1
+    for c in range(C):
+        out1[c] = part1[c]
+        out2[c] = part2[c]
+    for b in range(1, g.blocks_per_channel):
+        for c in range(C):
+            out1[c] += part1[b * C + c]
+            out2[c] += part2[b * C + c]
+
+
+cdef void _grad_input(const floating* x, const floating* dy, floating* dx, Geometry* g,
+                      const floating* mean, const floating* a, const floating* bb,
+                      const floating* cc, const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m,
+                      int n_threads) noexcept nogil:
+    """dx = a * dy + w * (b * (x - mean) + c) per channel; w = 1 without weights."""
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, i, j, c
+    cdef const floating* xr
+    cdef const floating* gr
+    cdef floating* yr
+    cdef floating wr, mc, ac, bc, ccc
+    cdef int nt = _threads(N * C * M, n_threads)
+    if M == 1:
+        for r in prange(N, schedule="static", num_threads=nt):
+            xr = x + r * C
+            gr = dy + r * C
+            yr = dx + r * C
+            wr = 1 if wt == NULL else wt[r * ws_n]
+            for j in range(C):
+                yr[j] = a[j] * gr[j] + wr * (bb[j] * (xr[j] - mean[j]) + cc[j])
+    else:
+        for i in prange(N * C, schedule="static", num_threads=nt):
+            c = i % C
+            mc = mean[c]
+            ac = a[c]
+            bc = bb[c]
+            ccc = cc[c]
+            xr = x + i * M
+            gr = dy + i * M
+            yr = dx + i * M
+            if wt == NULL:
+                for j in range(M):
+                    yr[j] = ac * gr[j] + (bc * (xr[j] - mc) + ccc)
+            else:
+                for j in range(M):
+                    yr[j] = ac * gr[j] + wt[(i // C) * ws_n + j * ws_m] * (bc * (xr[j] - mc) + ccc)
+
+
+# ---------------------------------------------------------------------------
 # Python entry points (arrays checked and prepared by the backend)
 
 cdef inline void _require(cnp.ndarray a, int typenum, str what) except *:
@@ -608,8 +773,9 @@ cdef inline bint _is_float32(cnp.ndarray x) except -1:
 
 
 cdef double* _workspace(Geometry* g) except NULL:
-    """Per-block count, mean and M2 (3 x blocks x C doubles), in one allocation."""
-    cdef double* w = <double*>malloc(3 * g.blocks_per_channel * g.C * sizeof(double) + 8)
+    """Per-block statistics (3 x blocks x C doubles) in one allocation, and room to reuse
+    its start for four per-channel vectors afterwards."""
+    cdef double* w = <double*>malloc((3 * g.blocks_per_channel + 1) * g.C * sizeof(double) + 8)
     if w == NULL:
         raise MemoryError()
     return w
@@ -744,3 +910,177 @@ def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray
                    n_threads, work, om, ov)
     free(work)
     return out_mean, out_var
+
+
+def grad_reductions(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean, int n_threads):
+    """Per-channel (sum(dy), sum(dy * (x - mean))), float64, for the gradient.
+
+    x and dy: C-contiguous (N, C, M) of one dtype; mean: float64 vector of length C.
+    """
+    cdef bint f32 = _is_float32(x)
+    cdef int t = cnp.PyArray_TYPE(x)
+    _require(x, t, "x")
+    _require(dy, t, "dy")
+    _require(mean, cnp.NPY_FLOAT64, "mean")
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    if dy.shape[0] != N or dy.shape[1] != C or dy.shape[2] != M or mean.shape[0] != C:
+        raise ValueError("grad_reductions: shapes do not match")
+    cdef Geometry g = _geometry(N, C, M)
+    cdef cnp.ndarray out1 = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray out2 = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
+    if N * C * M == 0:
+        return out1, out2
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* gp = cnp.PyArray_DATA(dy)
+    cdef const double* mp = <const double*>cnp.PyArray_DATA(mean)
+    cdef double* o1 = <double*>cnp.PyArray_DATA(out1)
+    cdef double* o2 = <double*>cnp.PyArray_DATA(out2)
+    cdef double* work = _workspace(&g)
+    cdef Py_ssize_t size = g.blocks_per_channel * C
+    with nogil:
+        if f32:
+            _grad_sums(<const float*>xp, <const float*>gp, &g, mp, n_threads, work, work + size,
+                       o1, o2)
+        else:
+            _grad_sums(<const double*>xp, <const double*>gp, &g, mp, n_threads, work,
+                       work + size, o1, o2)
+    free(work)
+    return out1, out2
+
+
+def grad_input(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray a,
+               cnp.ndarray b, cnp.ndarray c, object weights, int n_threads):
+    """out = a * dy + w * (b * (x - mean) + c) per channel (w: weights, or 1).
+
+    x, dy, out: C-contiguous (N, C, M) of one dtype (out may be dy or x); mean, a, b, c:
+    vectors of that dtype; weights: None or an (N, 1, M) array of that dtype.
+    """
+    cdef bint f32 = _is_float32(x)
+    cdef int t = cnp.PyArray_TYPE(x)
+    for arr, what in ((x, "x"), (dy, "dy"), (out, "out"), (mean, "mean"), (a, "a"), (b, "b"),
+                      (c, "c")):
+        _require(arr, t, what)
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    if dy.shape[0] != N or dy.shape[1] != C or dy.shape[2] != M or out.shape[0] != N \
+            or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
+            or a.shape[0] != C or b.shape[0] != C or c.shape[0] != C:
+        raise ValueError("grad_input: shapes do not match")
+    cdef void* wt = NULL
+    cdef Py_ssize_t ws_n = 0, ws_m = 0
+    cdef cnp.ndarray warr
+    if weights is not None:
+        warr = weights
+        if cnp.PyArray_TYPE(warr) != t or warr.ndim != 3 or warr.shape[0] != N \
+                or warr.shape[1] != 1 or warr.shape[2] != M:
+            raise TypeError("weights must be an (N, 1, M) array of x's dtype")
+        wt = cnp.PyArray_DATA(warr)
+        ws_n = warr.strides[0] // warr.itemsize
+        ws_m = warr.strides[2] // warr.itemsize
+    if N * C * M == 0:
+        return
+    cdef Geometry g = _geometry(N, C, M)
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* gp = cnp.PyArray_DATA(dy)
+    cdef void* op = cnp.PyArray_DATA(out)
+    cdef void* mp = cnp.PyArray_DATA(mean)
+    cdef void* ap = cnp.PyArray_DATA(a)
+    cdef void* bp = cnp.PyArray_DATA(b)
+    cdef void* cp = cnp.PyArray_DATA(c)
+    with nogil:
+        if f32:
+            _grad_input(<const float*>xp, <const float*>gp, <float*>op, &g, <const float*>mp,
+                        <const float*>ap, <const float*>bp, <const float*>cp,
+                        <const float*>wt, ws_n, ws_m, n_threads)
+        else:
+            _grad_input(<const double*>xp, <const double*>gp, <double*>op, &g,
+                        <const double*>mp, <const double*>ap, <const double*>bp,
+                        <const double*>cp, <const double*>wt, ws_n, ws_m, n_threads)
+
+
+cdef void _backward(floating* tag, const floating* x, const floating* dy, floating* dx,
+                    Geometry* g, const double* mean, const double* variance,
+                    const double* scale, double epsilon, bint training, const floating* wt,
+                    Py_ssize_t ws_n, Py_ssize_t ws_m, double total, int n_threads,
+                    double* work, double* sum_dy, double* sum_dy_xhat) noexcept nogil:
+    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
+    cdef double inv, k
+    _grad_sums(x, dy, g, mean, n_threads, work, work + size, sum_dy, sum_dy_xhat)
+    # Coefficients of dx = a * dy + w * (b * (x - mean) + c), in the data type, reusing
+    # the start of the workspace.
+    cdef floating* mv = <floating*>work
+    cdef floating* av = mv + C
+    cdef floating* bv = av + C
+    cdef floating* cv = bv + C
+    for c in range(C):
+        inv = 1.0 / sqrt(variance[c] + epsilon)
+        sum_dy_xhat[c] = sum_dy_xhat[c] * inv
+        k = scale[c] * inv
+        mv[c] = <floating>mean[c]
+        av[c] = <floating>k
+        if training and total != 0.0:
+            bv[c] = <floating>(-k * inv * sum_dy_xhat[c] / total)
+            cv[c] = <floating>(-k * sum_dy[c] / total)
+        else:
+            bv[c] = 0
+            cv[c] = 0
+    _grad_input(x, dy, dx, g, mv, av, bv, cv, wt, ws_n, ws_m, n_threads)
+
+
+def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
+             cnp.ndarray variance, cnp.ndarray scale, double epsilon, bint training,
+             object weights, int n_threads):
+    """Fused input gradient: per-channel sums in one read of x and dy, then dx.
+
+    x, dy, out: C-contiguous (N, C, M) of one dtype (out may be dy); mean, variance,
+    scale: float64 vectors; weights: None or (N, 1, M) of x's dtype.  Returns
+    (sum(dy), sum(dy * x_hat)) as float64 vectors.
+    """
+    cdef bint f32 = _is_float32(x)
+    cdef int t = cnp.PyArray_TYPE(x)
+    for arr, what in ((x, "x"), (dy, "dy"), (out, "out")):
+        _require(arr, t, what)
+    for arr, what in ((mean, "mean"), (variance, "variance"), (scale, "scale")):
+        _require(arr, cnp.NPY_FLOAT64, what)
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    if dy.shape[0] != N or dy.shape[1] != C or dy.shape[2] != M or out.shape[0] != N \
+            or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
+            or variance.shape[0] != C or scale.shape[0] != C:
+        raise ValueError("backward: shapes do not match")
+    cdef void* wt = NULL
+    cdef Py_ssize_t ws_n = 0, ws_m = 0
+    cdef double total = <double>(N * M)
+    cdef cnp.ndarray warr
+    if weights is not None:
+        warr = weights
+        if cnp.PyArray_TYPE(warr) != t or warr.ndim != 3 or warr.shape[0] != N \
+                or warr.shape[1] != 1 or warr.shape[2] != M:
+            raise TypeError("weights must be an (N, 1, M) array of x's dtype")
+        wt = cnp.PyArray_DATA(warr)
+        ws_n = warr.strides[0] // warr.itemsize
+        ws_m = warr.strides[2] // warr.itemsize
+        total = float(np.sum(warr, dtype=np.float64))
+    cdef Geometry g = _geometry(N, C, M)
+    cdef cnp.ndarray sum_dy = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray sum_dy_xhat = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
+    if N * C * M == 0:
+        return sum_dy, sum_dy_xhat
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* gp = cnp.PyArray_DATA(dy)
+    cdef void* op = cnp.PyArray_DATA(out)
+    cdef const double* mp = <const double*>cnp.PyArray_DATA(mean)
+    cdef const double* vp = <const double*>cnp.PyArray_DATA(variance)
+    cdef const double* sp = <const double*>cnp.PyArray_DATA(scale)
+    cdef double* s1 = <double*>cnp.PyArray_DATA(sum_dy)
+    cdef double* s2 = <double*>cnp.PyArray_DATA(sum_dy_xhat)
+    cdef double* work = _workspace(&g)
+    with nogil:
+        if f32:
+            _backward(<float*>NULL, <const float*>xp, <const float*>gp, <float*>op, &g, mp, vp,
+                      sp, epsilon, training, <const float*>wt, ws_n, ws_m, total, n_threads,
+                      work, s1, s2)
+        else:
+            _backward(<double*>NULL, <const double*>xp, <const double*>gp, <double*>op, &g, mp,
+                      vp, sp, epsilon, training, <const double*>wt, ws_n, ws_m, total,
+                      n_threads, work, s1, s2)
+    free(work)
+    return sum_dy, sum_dy_xhat

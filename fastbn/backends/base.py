@@ -23,9 +23,10 @@ least float32 and must stay accurate when |mean| >> std.
 statistics divide by the sum of the broadcast weights and are 0 where that
 sum is 0.
 
-A backend subclasses `Backend` and implements `moments` and `normalize`;
-`train_forward` and `infer_forward` have reference compositions here that a
-fast backend overrides with fused kernels.
+A backend subclasses `Backend` and implements `moments`, `normalize`,
+`grad_reductions` and `grad_input`; `train_forward`, `infer_forward` and
+`backward` have reference compositions here that a fast backend overrides
+with fused kernels.
 """
 
 import numpy as np
@@ -78,6 +79,21 @@ class Backend:
         """`y = (x - mean) * multiplier + offset` per channel, then max(y, 0) if `relu`."""
         raise NotImplementedError
 
+    def grad_reductions(self, x, dy, mean):
+        """Per-channel `(sum(dy), sum(dy * (x - mean)))` over axes 0 and 2, as float64.
+
+        `x` and `dy` have the same shape and dtype; `mean` is a float64 vector.
+        """
+        raise NotImplementedError
+
+    def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
+        """`dx = a * dy + w * (b * (x - mean) + c)` per channel, in dy's dtype.
+
+        `w` is 1, or `weights` of shape (N, 1, M) (one per position).  `out`
+        may be `dy` itself.
+        """
+        raise NotImplementedError
+
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         """Batch statistics and the output normalized with them, in one call.
 
@@ -89,6 +105,31 @@ class Backend:
         multiplier = per_channel_multiplier(variance, scale, epsilon, ct)
         y = self.normalize(x, mean.astype(ct), multiplier, offset, out=out, relu=relu)
         return y, mean, variance
+
+    def backward(self, x, dy, mean, variance, scale, epsilon, training, weights=None,
+                 out=None):
+        """The input gradient of y = (x - mean) * scale / sqrt(variance + epsilon) + ...
+
+        With `training`, mean and variance are the batch's (weighted by `weights`
+        per position when given) and the gradient flows through them; otherwise
+        they are constants.  mean, variance and scale are float64 vectors.
+        Returns `(dx, sum_dy, sum_dy_xhat)`: dx in dy's dtype, the sums float64.
+        """
+        inv = 1.0 / np.sqrt(variance + epsilon)
+        sum_dy, sum_dy_xc = self.grad_reductions(x, dy, mean)
+        sum_dy_xhat = sum_dy_xc * inv
+        k = scale * inv
+        b = c = np.zeros_like(k)
+        if training:
+            total = (x.shape[0] * x.shape[2] if weights is None
+                     else float(np.sum(weights, dtype=np.float64)))
+            if total:
+                b = -k * inv * sum_dy_xhat / total
+                c = -k * sum_dy / total
+        ct = compute_dtype(dy.dtype)
+        dx = self.grad_input(x, dy, mean.astype(ct), k.astype(ct), b.astype(ct), c.astype(ct),
+                             weights=weights, out=out)
+        return dx, sum_dy, sum_dy_xhat
 
     def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
         """The output normalized with given statistics (inference)."""

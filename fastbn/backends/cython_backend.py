@@ -133,6 +133,41 @@ class CythonBackend(Backend):
         return self._finish(x, y, out), mean, var
 
 
+    def grad_reductions(self, x, dy, mean):
+        xk = self._input(x)
+        dk = self._input(dy)
+        return self._k.grad_reductions(xk, dk, np.ascontiguousarray(mean, np.float64),
+                                       self.threads(xk.size))
+
+    def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
+        xk = self._input(x)
+        dk = self._input(dy)
+        ct = dk.dtype
+        y = self._output(dy, dk, out)
+        w = None
+        if weights is not None:
+            w = np.ascontiguousarray(np.broadcast_to(weights, (dk.shape[0], 1, dk.shape[2])), ct)
+        self._k.grad_input(xk, dk, y, *(np.ascontiguousarray(v, ct) for v in (mean, a, b, c)),
+                           w, self.threads(dk.size))
+        return self._finish(dy, y, out)
+
+
+    def backward(self, x, dy, mean, variance, scale, epsilon, training, weights=None,
+                 out=None):
+        xk = self._input(x)
+        dk = self._input(dy)
+        y = self._output(dy, dk, out)
+        w = None
+        if weights is not None:
+            w = np.ascontiguousarray(np.broadcast_to(weights, (dk.shape[0], 1, dk.shape[2])),
+                                     dk.dtype)
+        sum_dy, sum_dy_xhat = self._k.backward(
+            xk, dk, y, np.ascontiguousarray(mean, np.float64),
+            np.ascontiguousarray(variance, np.float64), np.ascontiguousarray(scale, np.float64),
+            float(epsilon), bool(training), w, self.threads(dk.size))
+        return self._finish(dy, y, out), sum_dy, sum_dy_xhat
+
+
 def create():
     return CythonBackend()
 

@@ -50,5 +50,26 @@ class NumpyBackend(Backend):
         return y
 
 
+    def grad_reductions(self, x, dy, mean):
+        dy64 = dy.astype(np.float64)
+        centered = x - np.asarray(mean, np.float64)[None, :, None]
+        return dy64.sum(axis=_REDUCE), np.einsum("ncm,ncm->c", dy64, centered)
+
+    def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
+        ct = compute_dtype(dy.dtype)
+
+        def col(v):
+            return np.asarray(v, ct)[None, :, None]
+
+        term = col(b) * (x.astype(ct, copy=False) - col(mean)) + col(c)
+        if weights is not None:
+            term *= np.asarray(weights, ct)
+        dx = col(a) * dy.astype(ct, copy=False) + term
+        if out is not None:
+            np.copyto(out, dx, casting="unsafe")
+            return out
+        return dx.astype(dy.dtype, copy=False)
+
+
 def create():
     return NumpyBackend()

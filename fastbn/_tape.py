@@ -1,0 +1,251 @@
+"""`GradientTape`: gradients of batch_norm layers, as TF 2 users know them.
+
+While a tape is active, every `fastbn.batch_norm` call records what its
+backward needs (a `_Node`).  `tape.gradient(target, sources)` walks the
+recorded calls backwards from `target`, an array a recorded call returned,
+and gives the gradient of `sum(target * output_gradients)` with respect to
+each source: an array given to a recorded call as `inputs`, or a
+`fastbn.Variable` (beta, gamma, the moving statistics).  Arrays flow from one
+recorded call to the next as they are; computation outside batch_norm is not
+seen by the tape.  Recorded arrays must not be modified before `gradient`.
+"""
+
+import threading
+
+import numpy as np
+
+from . import nn
+from ._variables import Variable
+
+__all__ = ["GradientTape"]
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.tapes = []
+
+
+_state = _State()
+
+
+def recording():
+    """The tapes recording in this thread (an empty list, usually)."""
+    return _state.tapes
+
+
+# Activations the tape differentiates, from the activation's output y.
+def _relu_grad(y):
+    return y > 0
+
+
+def _relu6_grad(y):
+    return (y > 0) & (y < 6)
+
+
+def _sigmoid_grad(y):
+    y = y.astype(np.float64)
+    return y * (1.0 - y)
+
+
+def _tanh_grad(y):
+    y = y.astype(np.float64)
+    return 1.0 - y * y
+
+
+def _elu_grad(y):
+    y = y.astype(np.float64)
+    return np.where(y > 0, 1.0, y + 1.0)
+
+
+ACTIVATION_GRADS = {
+    nn.relu: _relu_grad,
+    nn.relu6: _relu6_grad,
+    nn.sigmoid: _sigmoid_grad,
+    nn.tanh: _tanh_grad,
+    nn.elu: _elu_grad,
+}
+
+
+class _Node:
+    """One batch_norm call: enough to give the gradient of its output.
+
+    The forward computed, per channel, y = act(z * gamma + beta) with
+    z = adj_scale * (r * x_hat + d) + adj_bias and x_hat = (x - mean) * inv_std,
+    mean and variance the batch's (`training`) or the moving ones.
+    """
+
+    __slots__ = ("inputs", "x", "output", "axis", "mean", "variance", "epsilon", "training",
+                 "weights", "gamma", "beta", "gamma_value", "adj_scale", "adj_bias", "r", "d",
+                 "moving_mean", "moving_variance", "moving_grads", "activation")
+
+    def backward(self, dy):
+        """{id(inputs) or Variable: gradient} for the sources this call touched."""
+        act = self.activation
+        if act is not None:
+            grad_fn = ACTIVATION_GRADS.get(act)
+            if grad_fn is None:
+                name = getattr(act, "__qualname__", None) or repr(act)
+                raise ValueError(
+                    f"GradientTape cannot differentiate through activation_fn={name}: only "
+                    "fastbn.nn.relu, relu6, sigmoid, tanh and elu have known derivatives "
+                    "(apply other activations outside batch_norm)")
+            dy = (dy * grad_fn(self.output)).astype(self.x.dtype, copy=False)
+        dy = np.ascontiguousarray(dy, self.x.dtype)
+        gamma = self.gamma_value
+        eff_scale = gamma * self.adj_scale * self.r
+        dx, sum_dy, sum_dy_xhat = nn.batch_norm_backward(
+            self.x, dy, self.axis, self.mean, self.variance, self.epsilon, eff_scale,
+            self.training, weights=self.weights)
+        inputs = self.inputs
+        grads = {inputs if isinstance(inputs, Variable) else id(inputs): dx}
+        if self.gamma is not None:
+            z_sum = self.adj_scale * (self.r * sum_dy_xhat + self.d * sum_dy) + \
+                self.adj_bias * sum_dy
+            grads[self.gamma] = z_sum.astype(self.gamma.dtype)
+        if self.beta is not None:
+            grads[self.beta] = sum_dy.astype(self.beta.dtype)
+        if self.moving_grads == "values":
+            # Inference through nn.batch_normalization: the moving statistics are inputs.
+            inv = 1.0 / np.sqrt(self.variance + self.epsilon)
+            grads[self.moving_mean] = (-eff_scale * inv * sum_dy).astype(self.moving_mean.dtype)
+            grads[self.moving_variance] = (-0.5 * eff_scale * inv ** 2 * sum_dy_xhat).astype(
+                self.moving_variance.dtype)
+        elif self.moving_grads == "zeros":
+            # An is_training Variable made TF take a cond; the unused branch gives zeros.
+            grads[self.moving_mean] = np.zeros(self.moving_mean.shape, self.moving_mean.dtype)
+            grads[self.moving_variance] = np.zeros(self.moving_variance.shape,
+                                                   self.moving_variance.dtype)
+        return grads
+
+
+class GradientTape:
+    """Records batch_norm calls for `gradient`, as `tf.GradientTape`.
+
+        with fastbn.GradientTape() as tape:
+            y = fastbn.batch_norm(x, scale=True, scope="bn")
+        dx, dbeta, dgamma = tape.gradient(y, [x, beta, gamma], output_gradients=dy)
+
+    Args:
+      persistent: allow several `gradient` calls (otherwise one, after which
+        the recorded calls are released).
+      watch_accessed_variables: accepted for TF compatibility; every variable
+        a recorded call uses can be a source.
+    """
+
+    def __init__(self, persistent=False, watch_accessed_variables=True):
+        self._persistent = bool(persistent)
+        self._nodes = []
+        self._used = False
+        self._recording = False
+
+    def __enter__(self):
+        if self._recording:
+            raise RuntimeError("This GradientTape is already recording")
+        _state.tapes.append(self)
+        self._recording = True
+        return self
+
+    def __exit__(self, *exc):
+        _state.tapes.remove(self)
+        self._recording = False
+        return False
+
+    def watch(self, tensor):
+        """Accepted for TF compatibility: recorded calls are watched already."""
+
+    def reset(self):
+        """Forgets everything recorded so far."""
+        self._nodes = []
+        self._used = False
+
+    def _record(self, node):
+        self._nodes.append(node)
+
+    def gradient(self, target, sources, output_gradients=None, unconnected_gradients=None):
+        """The gradient of sum(target * output_gradients) with respect to each source.
+
+        Args:
+          target: an array returned by a batch_norm call recorded on this tape
+            (or a list of them).
+          sources: an array given to a recorded call, a `fastbn.Variable`, or a
+            (nested) list or tuple of them.
+          output_gradients: the gradient with respect to `target` (a list for a
+            list of targets); ones by default.
+          unconnected_gradients: 'none' (default: None for a source the target
+            does not depend on) or 'zero'.
+
+        Returns:
+          Gradients in the structure of `sources`.
+        """
+        if self._used and not self._persistent:
+            raise RuntimeError("A non-persistent GradientTape can only be used to compute one "
+                               "set of gradients (or jacobians)")
+        if unconnected_gradients not in (None, "none", "zero"):
+            raise ValueError(f"unconnected_gradients must be 'none' or 'zero', got "
+                             f"{unconnected_gradients!r}")
+        targets = list(target) if isinstance(target, (list, tuple)) else [target]
+        if output_gradients is None:
+            seeds = [None] * len(targets)
+        elif isinstance(target, (list, tuple)):
+            seeds = list(output_gradients)
+            if len(seeds) != len(targets):
+                raise ValueError("output_gradients must have one entry per target")
+        else:
+            seeds = [output_gradients]
+        produced = {id(node.output): node for node in self._nodes}
+        grads = {}
+        for t, seed in zip(targets, seeds):
+            if not isinstance(t, np.ndarray) or id(t) not in produced:
+                raise ValueError("target must be an array returned by a fastbn.batch_norm call "
+                                 "recorded on this tape")
+            if seed is None:
+                seed = np.ones(t.shape, t.dtype)
+            else:
+                seed = np.asarray(seed)
+                if seed.shape != t.shape:
+                    raise ValueError(f"output_gradients has shape {seed.shape}, the target "
+                                     f"{t.shape}")
+                if seed.dtype.kind not in "fiu":
+                    raise TypeError(f"output_gradients must be numeric, got {seed.dtype}")
+            _accumulate(grads, id(t), seed)
+        # Recording order is a topological order: walking it backwards, a call's output
+        # gradient is complete (every consumer done) before the call itself.
+        for node in reversed(self._nodes):
+            dy = grads.get(id(node.output))
+            if dy is None:
+                continue
+            for key, value in node.backward(dy).items():
+                _accumulate(grads, key, value)
+        if not self._persistent:
+            self._nodes = []
+            self._used = True
+        zero = unconnected_gradients == "zero"
+        return _map_sources(sources, lambda s: _lookup(grads, s, zero))
+
+
+def _accumulate(grads, key, value):
+    if key in grads:
+        grads[key] = grads[key] + value
+    else:
+        grads[key] = value
+
+
+def _lookup(grads, source, zero):
+    if isinstance(source, Variable):
+        grad = grads.get(source)
+        shape, dtype = source.shape, source.dtype
+    elif isinstance(source, np.ndarray):
+        grad = grads.get(id(source))
+        shape, dtype = source.shape, source.dtype
+    else:
+        raise TypeError(f"sources must be arrays given to batch_norm or fastbn.Variables, got "
+                        f"{type(source).__name__}")
+    if grad is None:
+        return np.zeros(shape, dtype) if zero else None
+    return np.asarray(grad).astype(dtype, copy=False)
+
+
+def _map_sources(sources, fn):
+    if isinstance(sources, (list, tuple)):
+        return type(sources)(_map_sources(s, fn) for s in sources)
+    return fn(sources)

@@ -1,0 +1,243 @@
+"""Gradients: fastbn.GradientTape through batch_norm, and nn.fused_batch_norm_grad.
+
+Checked against TensorFlow's own tf.gradients of the tf_slim layer (recorded
+by tools/record_tf_fixtures.py) on every backend, and against central finite
+differences in float64.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fastbn as fb
+from tf_cases import GRAD_SOURCES, SCOPE, decode, make_inputs, make_output_gradient
+from test_tf_fixtures import ACTIVATIONS, _Lib, _close, tolerance
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+with open(os.path.join(FIXTURES, "tf_grad.json")) as f:
+    GRAD = json.load(f)
+GRAD_ARRAYS = np.load(os.path.join(FIXTURES, "tf_grad.npz"))
+
+
+def _sources(x):
+    by_name = {v.op_name.rsplit("/", 1)[-1]: v for v in fb.global_variables()
+               if v.op_name.startswith(SCOPE + "/")}
+    names = [n for n in GRAD_SOURCES if n == "x" or n in by_name]
+    return names, [x if n == "x" else by_name[n] for n in names]
+
+
+@pytest.mark.parametrize("case", GRAD["cases"], ids=lambda c: c["id"])
+def test_layer_gradients_match_tensorflow(case, backend):
+    kwargs = decode(case["kwargs"], _Lib, ACTIVATIONS)
+    training = case["training"]
+    is_training = fb.Variable(training[0], trainable=False) if isinstance(training, list) \
+        else training
+    x, w = make_inputs(case, 0)
+    if case["batch_weights"]:
+        kwargs["batch_weights"] = w
+    dy = make_output_gradient(case)
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(x, is_training=is_training, **kwargs)
+    names, sources = _sources(x)
+    assert names == case["expected"]["sources"]
+    grads = tape.gradient(y, sources, output_gradients=dy)
+    rtol, atol = tolerance(case["dtype"], case.get("tf_dtype"))
+    scale = np.abs(dy).sum() / dy.size ** 0.5  # sums of many terms: scale the tolerance
+    for name, source, grad in zip(names, sources, grads):
+        if name in case["expected"]["none"]:
+            assert grad is None, f"{name}: TF gives None"
+            continue
+        assert grad is not None, f"{name}: TF gives a gradient"
+        assert grad.shape == source.shape and grad.dtype == source.dtype, name
+        _close(grad, GRAD_ARRAYS[f"{case['id']}|grad|{name}"], rtol * 10, atol * 10 * scale,
+               f"gradient for {name}")
+
+
+def _loss(x, dy, kwargs):
+    with fb.Graph().as_default():
+        y = fb.batch_norm(x, **kwargs)
+    return float(np.sum(y * dy))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(scale=True),
+    dict(scale=True, fused=False, data_format="NCHW"),
+    dict(scale=True, updates_collections=None),
+    dict(scale=True, batch_weights=np.array([0.5, 1.5, 1.0, 2.0])),
+    # (renorm is left out: TF holds r and d constant, so its gradient is not the
+    # derivative of the function; the TF fixtures check it.)
+    dict(scale=True, renorm=True, is_training=False),
+    dict(scale=True, is_training=False, fused=False),
+    dict(scale=True, is_training=False),
+    dict(scale=True, activation_fn=fb.nn.tanh, center=False),
+    dict(scale=True, activation_fn=fb.nn.elu, data_format="NCHW"),
+    dict(scale=False, activation_fn=fb.nn.sigmoid, zero_debias_moving_mean=True),
+], ids=lambda kw: ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in kw.items()
+                            if not isinstance(v, np.ndarray)))
+def test_input_gradient_matches_finite_differences(kwargs, backend):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 2, 3)) * 1.5 + 0.5
+    dy = rng.standard_normal(x.shape)
+    with fb.Graph().as_default():
+        with fb.GradientTape() as tape:
+            y = fb.batch_norm(x, **kwargs)
+        (dx,) = tape.gradient(y, [x], output_gradients=dy)
+    numeric = np.zeros_like(x)
+    step = 1e-6
+    for index in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[index] += step
+        xm[index] -= step
+        numeric[index] = (_loss(xp, dy, kwargs) - _loss(xm, dy, kwargs)) / (2 * step)
+    np.testing.assert_allclose(dx, numeric, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["beta", "gamma", "moving_mean", "moving_variance"])
+def test_variable_gradients_match_finite_differences(name, backend):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((6, 4)) * 2 + 1
+    dy = rng.standard_normal(x.shape)
+    inits = {"gamma": fb.constant_initializer([1.5, 0.5, 2.0, 1.0]),
+             "beta": fb.constant_initializer([0.1, 0.2, -0.3, 0.0]),
+             "moving_mean": fb.constant_initializer([0.5, 1.0, 1.5, 0.0]),
+             "moving_variance": fb.constant_initializer([2.0, 3.0, 4.0, 1.0])}
+    kwargs = dict(scale=True, fused=False, is_training=False, param_initializers=inits,
+                  scope="bn", reuse=fb.AUTO_REUSE)
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(x, **kwargs)
+    var = fb.get_variables_by_name(name)[0]
+    (grad,) = tape.gradient(y, [var], output_gradients=dy)
+    base = var.numpy()
+    numeric = np.zeros_like(base)
+    for i in range(base.size):
+        for sign in (1, -1):
+            shifted = base.copy()
+            shifted[i] += sign * 1e-6
+            var.assign(shifted)
+            numeric[i] += sign * float(np.sum(fb.batch_norm(x, **kwargs) * dy)) / 2e-6
+    var.assign(base)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
+
+
+def test_several_calls_chain_and_accumulate(backend):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((8, 3)) + 2
+    dy = rng.standard_normal(x.shape)
+
+    def loss(x_):
+        with fb.Graph().as_default():
+            h = fb.batch_norm(x_, scale=True, scope="a", activation_fn=fb.nn.relu)
+            y = fb.batch_norm(h, scale=True, scope="b") + fb.batch_norm(x_, scope="c")
+        return float(np.sum(y * dy))
+
+    with fb.GradientTape(persistent=True) as tape:
+        h = fb.batch_norm(x, scale=True, scope="a", activation_fn=fb.nn.relu)
+        y1 = fb.batch_norm(h, scale=True, scope="b")
+        y2 = fb.batch_norm(x, scope="c")
+    dx = tape.gradient([y1, y2], x, output_gradients=[dy, dy])
+    numeric = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[index] += 1e-6
+        xm[index] -= 1e-6
+        numeric[index] = (loss(xp) - loss(xm)) / 2e-6
+    np.testing.assert_allclose(dx, numeric, rtol=1e-5, atol=1e-6)
+    # persistent: a second gradient works, here of y1 alone.
+    gamma_b = fb.get_variables("b/gamma")[0]
+    dgamma, dh = tape.gradient(y1, [gamma_b, h], output_gradients=dy)
+    assert dgamma.shape == (3,) and dh.shape == h.shape
+
+
+def test_unconnected_sources_and_defaults():
+    x = np.random.default_rng(8).standard_normal((5, 2)).astype(np.float32)
+    other = np.ones((5, 2), np.float32)
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(x, scope="bn")
+    moving_mean = fb.get_variables_by_name("moving_mean")[0]
+    grads = tape.gradient(y, [x, other, moving_mean])
+    assert grads[1] is None and grads[2] is None  # training: moving stats unused, as in TF
+    # output_gradients defaults to ones: the gradient of sum(y), zero for batch norm's x
+    np.testing.assert_allclose(grads[0], 0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="non-persistent"):
+        tape.gradient(y, [x])
+
+
+def test_unconnected_gradients_zero():
+    x = np.random.default_rng(9).standard_normal((5, 2))
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(x)
+    (grad,) = tape.gradient(y, [np.zeros(3)], unconnected_gradients="zero")
+    assert grad.tolist() == [0, 0, 0]
+
+
+def test_arbitrary_activation_is_a_clear_error_at_gradient_time():
+    x = np.random.default_rng(10).standard_normal((5, 2))
+
+    def swish(t):
+        return t / (1 + np.exp(-t))
+
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(x, activation_fn=swish)
+    assert y.shape == x.shape  # the forward works
+    with pytest.raises(ValueError, match="swish"):
+        tape.gradient(y, [x])
+
+
+def test_tape_argument_errors():
+    x = np.random.default_rng(11).standard_normal((5, 2))
+    with fb.GradientTape(persistent=True) as tape:
+        y = fb.batch_norm(x)
+    with pytest.raises(ValueError, match="target"):
+        tape.gradient(x, [x])
+    with pytest.raises(ValueError, match="output_gradients"):
+        tape.gradient(y, [x], output_gradients=np.ones(3))
+    with pytest.raises(TypeError, match="sources"):
+        tape.gradient(y, ["x"])
+    with pytest.raises(ValueError, match="unconnected_gradients"):
+        tape.gradient(y, [x], unconnected_gradients="nan")
+    with pytest.raises(RuntimeError, match="already recording"):
+        with tape:
+            with tape:
+                pass
+
+
+def test_nothing_is_recorded_outside_a_tape():
+    x = np.random.default_rng(12).standard_normal((5, 2))
+    with fb.GradientTape() as tape:
+        pass
+    fb.batch_norm(x)
+    assert tape._nodes == []
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_fused_batch_norm_grad_inverts_the_forward_shape(backend, dtype, data_format):
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((4, 3, 5)) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    axis = 1 if data_format == "NCHW" else 2
+    c = x.shape[axis]
+    axes = tuple(a for a in range(3) if a != axis)
+    mean, var = x.astype(np.float64).mean(axes), x.astype(np.float64).var(axes)
+    out = np.empty_like(x)
+    dx, dscale, doffset = fb.nn.fused_batch_norm_grad(dy, x, np.ones(c), mean, var,
+                                                      data_format=data_format, out=out)
+    assert dx is out and dx.dtype == dtype
+    assert dscale.shape == doffset.shape == (c,)
+    # the gradient of a normalisation is orthogonal to constant and linear shifts of x
+    np.testing.assert_allclose(dx.astype(np.float64).sum(axis=axes), 0, atol=5e-2 if dtype ==
+                               np.float16 else 1e-4)
+
+
+def test_fused_batch_norm_grad_errors():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="dy must have x's shape"):
+        fb.nn.fused_batch_norm_grad(np.ones((3, 4), np.float32), x, [1] * 3, [0] * 3, [1] * 3)
+    with pytest.raises(TypeError, match="dy must have x's dtype"):
+        fb.nn.fused_batch_norm_grad(np.ones((4, 3)), x, [1] * 3, [0] * 3, [1] * 3)
+    with pytest.raises(ValueError, match="mean"):
+        fb.nn.fused_batch_norm_grad(x, x, [1] * 3, [0] * 2, [1] * 3)
+    with pytest.raises(TypeError, match="is_training"):
+        fb.nn.fused_batch_norm_grad(x, x, [1] * 3, [0] * 3, [1] * 3, is_training="yes")
