@@ -58,6 +58,10 @@ DEF CHANNEL_TILE = 256
 # at a time, keeping each tile's parameters in L1.
 DEF NORM_TILE = 1024
 DEF NORM_ROWS = 8
+# Channel by channel (runs layout): when a channel's input is at most this many bytes,
+# a thread reduces it and then writes its output while it is still in L2, so the data
+# comes from memory once instead of twice.  Same blocks, same merge order, same bits.
+DEF CHANNELWISE_BYTES = 1048576
 # A block whose shift is more than sqrt(this) standard deviations from its mean
 # is reduced again, centred on its mean.
 DEF ILL_CONDITIONED = 64.0
@@ -855,10 +859,67 @@ def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, c
                        <const double*>kp, <const double*>bp, relu, n_threads)
 
 
+cdef inline bint _channelwise(Geometry* g, Py_ssize_t bytes_per_element,
+                              int nt) noexcept nogil:
+    """Whether to go channel by channel: runs layout, channels fit in L2, enough of them."""
+    return (g.M > 1 and g.N * g.M * bytes_per_element <= CHANNELWISE_BYTES
+            and (nt <= 1 or g.C >= 2 * nt))
+
+
+cdef void _normalize_channel(const floating* x, floating* y, Geometry* g, Py_ssize_t c,
+                             floating mc, floating kc, floating bc, bint relu) noexcept nogil:
+    cdef Py_ssize_t n, j, M = g.M
+    cdef const floating* xr
+    cdef floating* yr
+    cdef floating v
+    for n in range(g.N):
+        xr = x + (n * g.C + c) * M
+        yr = y + (n * g.C + c) * M
+        if relu:
+            for j in range(M):
+                v = (xr[j] - mc) * kc + bc
+                yr[j] = v if v > 0 else 0
+        else:
+            for j in range(M):
+                yr[j] = (xr[j] - mc) * kc + bc
+
+
+cdef void _train_channelwise(const floating* x, floating* y, Geometry* g, const double* scale,
+                             const double* offset, double epsilon, bint relu, int nt,
+                             double* om, double* ov) noexcept nogil:
+    """Statistics then normalisation, one channel at a time per thread."""
+    cdef Py_ssize_t c, blk
+    cdef double count, mean, m2, tot, na, n, delta
+    for c in prange(g.C, schedule="static", num_threads=nt):
+        tot = 0.0
+        for blk in range(g.blocks_per_channel):
+            _runs_block(x, g, c, blk, &count, &mean, &m2)
+            # _merge's arithmetic, for this channel alone.
+            if blk == 0:
+                tot = count
+                om[c] = mean
+                ov[c] = m2
+            else:
+                na = tot
+                n = na + count
+                delta = mean - om[c]
+                om[c] = om[c] + delta * (count / n)
+                ov[c] = ov[c] + m2 + delta * delta * (na * count / n)
+                tot = n
+        ov[c] = ov[c] / tot
+        _normalize_channel(x, y, g, c, <floating>om[c],
+                           <floating>(scale[c] / sqrt(ov[c] + epsilon)), <floating>offset[c],
+                           relu)
+
+
 cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
                  const double* scale, const double* offset, double epsilon, bint relu,
                  int n_threads, double* work, double* om, double* ov) noexcept nogil:
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
+    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    if _channelwise(g, sizeof(floating), nt):
+        _train_channelwise(x, y, g, scale, offset, epsilon, relu, nt, om, ov)
+        return
     _stats(x, g, <const floating*>NULL, 0, 0, 0, n_threads, work, work + size, work + 2 * size,
            om, ov)
     # The per-channel vectors in the data type reuse the start of the workspace.
@@ -997,6 +1058,66 @@ def grad_input(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
                         <const double*>cp, <const double*>wt, ws_n, ws_m, n_threads)
 
 
+cdef void _backward_channelwise(const floating* x, const floating* dy, floating* dx,
+                                Geometry* g, const double* mean, const double* variance,
+                                const double* scale, double epsilon, bint training,
+                                const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m,
+                                double total, int nt, double* sum_dy,
+                                double* sum_dy_xhat) noexcept nogil:
+    """_grad_sums then _grad_input, one channel at a time per thread."""
+    cdef Py_ssize_t c, blk, group, chunk, n0, n1, m0, length, n, j, M = g.M, C = g.C
+    cdef double s1, s2, t1, t2, inv, k
+    cdef floating centre, ac, bc, cc, mc
+    cdef const floating* xr
+    cdef const floating* gr
+    cdef floating* yr
+    for c in prange(C, schedule="static", num_threads=nt):
+        centre = <floating>mean[c]
+        t1 = 0.0
+        t2 = 0.0
+        for blk in range(g.blocks_per_channel):
+            group = blk // g.chunks_per_run
+            chunk = blk % g.chunks_per_run
+            n0 = group * g.runs_per_block
+            n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
+            m0 = chunk * g.chunk
+            length = M - m0 if M - m0 < g.chunk else g.chunk
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(n0, n1):
+                _grad_run_sums(x + (n * C + c) * M + m0, dy + (n * C + c) * M + m0, length,
+                               centre, &s1, &s2)
+            # _grad_sums' arithmetic, for this channel alone.
+            if blk == 0:
+                t1 = s1
+                t2 = s2 + (<double>centre - mean[c]) * s1
+            else:
+                t1 = t1 + s1
+                t2 = t2 + (s2 + (<double>centre - mean[c]) * s1)
+        inv = 1.0 / sqrt(variance[c] + epsilon)
+        sum_dy[c] = t1
+        sum_dy_xhat[c] = t2 * inv
+        k = scale[c] * inv
+        mc = centre
+        ac = <floating>k
+        if training and total != 0.0:
+            bc = <floating>(-k * inv * sum_dy_xhat[c] / total)
+            cc = <floating>(-k * t1 / total)
+        else:
+            bc = 0
+            cc = 0
+        for n in range(g.N):
+            xr = x + (n * C + c) * M
+            gr = dy + (n * C + c) * M
+            yr = dx + (n * C + c) * M
+            if wt == NULL:
+                for j in range(M):
+                    yr[j] = ac * gr[j] + (bc * (xr[j] - mc) + cc)
+            else:
+                for j in range(M):
+                    yr[j] = ac * gr[j] + wt[n * ws_n + j * ws_m] * (bc * (xr[j] - mc) + cc)
+
+
 cdef void _backward(floating* tag, const floating* x, const floating* dy, floating* dx,
                     Geometry* g, const double* mean, const double* variance,
                     const double* scale, double epsilon, bint training, const floating* wt,
@@ -1004,6 +1125,11 @@ cdef void _backward(floating* tag, const floating* x, const floating* dy, floati
                     double* work, double* sum_dy, double* sum_dy_xhat) noexcept nogil:
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
     cdef double inv, k
+    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    if _channelwise(g, 2 * sizeof(floating), nt):
+        _backward_channelwise(x, dy, dx, g, mean, variance, scale, epsilon, training, wt, ws_n,
+                              ws_m, total, nt, sum_dy, sum_dy_xhat)
+        return
     _grad_sums(x, dy, g, mean, n_threads, work, work + size, sum_dy, sum_dy_xhat)
     # Coefficients of dx = a * dy + w * (b * (x - mean) + c), in the data type, reusing
     # the start of the workspace.
