@@ -81,6 +81,7 @@ class _Node:
     def backward(self, dy):
         """{id(inputs) or Variable: gradient} for the sources this call touched."""
         act = self.activation
+        on_device = nn.is_device_array(self.x)
         if act is not None:
             grad_fn = ACTIVATION_GRADS.get(act)
             if grad_fn is None:
@@ -89,8 +90,12 @@ class _Node:
                     f"GradientTape cannot differentiate through activation_fn={name}: only "
                     "fastbn.nn.relu, relu6, sigmoid, tanh and elu have known derivatives "
                     "(apply other activations outside batch_norm)")
-            dy = (dy * grad_fn(self.output)).astype(self.x.dtype, copy=False)
-        dy = np.ascontiguousarray(dy, self.x.dtype)
+            # (On the host: a device array makes a round trip here.)
+            dy = (_host(dy) * grad_fn(_host(self.output))).astype(self.x.dtype, copy=False)
+        if on_device:
+            dy = _device(dy, self.x.dtype)
+        else:
+            dy = np.ascontiguousarray(dy, self.x.dtype)
         gamma = self.gamma_value
         eff_scale = gamma * self.adj_scale * self.r
         dx, sum_dy, sum_dy_xhat = nn.batch_norm_backward(
@@ -195,11 +200,15 @@ class GradientTape:
         produced = {id(node.output): node for node in self._nodes}
         grads = {}
         for t, seed in zip(targets, seeds):
-            if not isinstance(t, np.ndarray) or id(t) not in produced:
+            if id(t) not in produced:
                 raise ValueError("target must be an array returned by a fastbn.batch_norm call "
                                  "recorded on this tape")
             if seed is None:
-                seed = np.ones(t.shape, t.dtype)
+                seed = np.ones(tuple(t.shape), t.dtype)
+            elif nn.is_device_array(seed):
+                if tuple(seed.shape) != tuple(t.shape):
+                    raise ValueError(f"output_gradients has shape {tuple(seed.shape)}, the "
+                                     f"target {tuple(t.shape)}")
             else:
                 seed = np.asarray(seed)
                 if seed.shape != t.shape:
@@ -223,11 +232,25 @@ class GradientTape:
         return _map_sources(sources, lambda s: _lookup(grads, s, zero))
 
 
+def _host(a):
+    return a.copy_to_host() if nn.is_device_array(a) else np.asarray(a)
+
+
+def _device(a, dtype):
+    if nn.is_device_array(a):
+        return nn._device_view(a, "output_gradients")
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(a, dtype))
+
+
 def _accumulate(grads, key, value):
-    if key in grads:
-        grads[key] = grads[key] + value
-    else:
+    if key not in grads:
         grads[key] = value
+    elif nn.is_device_array(value) or nn.is_device_array(grads[key]):
+        grads[key] = _device(_host(grads[key]) + _host(value), _host(value).dtype)
+    else:
+        grads[key] = grads[key] + value
 
 
 def _lookup(grads, source, zero):
@@ -237,6 +260,11 @@ def _lookup(grads, source, zero):
     elif isinstance(source, np.ndarray):
         grad = grads.get(id(source))
         shape, dtype = source.shape, source.dtype
+    elif nn.is_device_array(source):
+        grad = grads.get(id(source))
+        if grad is None and zero:
+            return _device(np.zeros(tuple(source.shape), source.dtype), source.dtype)
+        return nn.as_caller_kind(grad, source)
     else:
         raise TypeError(f"sources must be arrays given to batch_norm or fastbn.Variables, got "
                         f"{type(source).__name__}")

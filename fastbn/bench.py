@@ -171,7 +171,10 @@ def _time(fn, min_seconds):
 def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, ops=OPS,
         progress=None):
     """Measures every (case, side, op); returns a dict with `results` and `copy_gbps`."""
-    backend_names = backend_names or fastbn.backends.available()
+    # (The CUDA simulator is a correctness tool: not timed unless named.)
+    backend_names = backend_names or [
+        b for b in fastbn.backends.available()
+        if not getattr(fastbn.backends.get(b), "simulated", False)]
     cases = cases or (QUICK_CASES if quick else CASES)
     repeats = repeats or (3 if quick else 7)
     min_seconds = 0.01 if quick else 0.05

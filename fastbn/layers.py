@@ -455,6 +455,7 @@ def batch_norm(inputs,
                              "updates_collections or zero_debias_moving_mean")
         outputs, node = _legacy(batch_weights=batch_weights,
                                 zero_debias=zero_debias_moving_mean, **args)
+    outputs = nn.as_caller_kind(outputs, inputs)
     if activation_fn is not None and activation_fn is not nn.relu:
         outputs = activation_fn(outputs)
     if node is not None:
@@ -574,10 +575,10 @@ def _filled(channels, dtype, value):
 
 def _bessel_corrected_moments(x, axis):
     """The batch statistics the fused kernel would return (Bessel-corrected variance)."""
-    reduce_axes = [a for a in range(x.ndim) if a != axis]
-    mean, var = nn.moments(x.astype(compute_dtype(x.dtype), copy=False), reduce_axes)
+    ct = compute_dtype(x.dtype)
+    mean, var = nn.channel_moments(x, axis)
     count = x.size // x.shape[axis]
-    return mean, var * var.dtype.type(nn.bessel_factor(count))
+    return mean.astype(ct), (var * nn.bessel_factor(count)).astype(ct)
 
 
 def _check_training_input(x, axis, training_now):
@@ -749,8 +750,7 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
                 adj = (_per_channel(adj_scale, channels[0], ct, "scale"),
                        _per_channel(adj_bias, channels[0], ct, "bias"))
                 scale_v, offset_v = _compose(adj[0], adj[1], scale_v, offset_v)
-            reduce_axes = [a for a in range(x.ndim) if a != axis]
-            batch_mean, batch_var = nn.moments(x.astype(param_dtype, copy=False), reduce_axes)
+            batch_mean, batch_var = (v.astype(param_dtype) for v in nn.channel_moments(x, axis))
             if training_now:
                 mean, variance = batch_mean, batch_var
             else:

@@ -5,6 +5,12 @@ Every op takes NumPy arrays (or `fastbn.Variable`s, or array-likes), any
 rank >= 2 where a channel axis is involved, and returns NumPy arrays; the
 arithmetic runs on the current backend (`fastbn.backends.get()`).
 Python lists and scalars become float32, as `tf.convert_to_tensor` makes them.
+
+Device arrays (`__cuda_array_interface__`: Numba, CuPy, PyTorch CUDA
+tensors) stay on the device: they go to the CUDA backend (`auto` picks it
+for them) and full-size results come back as the caller's kind (a CuPy array
+for CuPy input, a tensor for a tensor; otherwise a Numba device array).
+Per-channel results (statistics, parameter gradients) are NumPy arrays.
 """
 
 import numbers
@@ -39,14 +45,52 @@ _CHANNELS_FIRST = ("NCHW", "NCDHW", "NCW")
 # argument handling shared with the layer
 
 
+is_device_array = backends.is_device_array
+
+
+def _device_view(value, argument):
+    """A device array as Numba sees it (zero-copy), for the CUDA backend."""
+    if type(value).__name__ == "FakeCUDAArray":
+        return value
+    try:
+        from numba import cuda
+    except ImportError:
+        raise TypeError(f"{argument} is a device array: that needs the numba_cuda backend "
+                        "(pip install 'fastbn[cuda]')") from None
+    return cuda.as_cuda_array(value)
+
+
+def as_caller_kind(result, original):
+    """A device result as the kind of array the caller passed in, where no copy is needed."""
+    if result is None or type(result) is np.ndarray or not is_device_array(result):
+        return result
+    module = type(original).__module__.split(".")[0]
+    if module == "cupy":
+        import cupy
+
+        return cupy.asarray(result)
+    if module == "torch":
+        import torch
+
+        return torch.as_tensor(result, device=original.device)
+    return result
+
+
 def as_float_array(value, argument):
     """`value` as a float16/32/64 ndarray (no copy when it is one already).
 
     Raises TypeError naming `argument` for anything else.  Python lists and
-    scalars of floats become float32, as TensorFlow converts them.
+    scalars of floats become float32, as TensorFlow converts them.  Device
+    arrays are returned as device arrays.
     """
     if isinstance(value, np.ndarray):
         array = value
+    elif is_device_array(value):
+        array = _device_view(value, argument)
+        if np.dtype(array.dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"{argument} must be a floating-point array (float16, float32 or "
+                            f"float64), got dtype {array.dtype}")
+        return array
     elif isinstance(value, Variable):
         array = value._value
     else:
@@ -118,6 +162,14 @@ def channel_view(x, axis):
 
 def check_out(out, x, argument="out"):
     """Validates an `out=` buffer for a result of x's shape and dtype."""
+    if is_device_array(x) or is_device_array(out):
+        if not (is_device_array(x) and is_device_array(out)):
+            raise TypeError(f"{argument} must live where x lives (both NumPy, or both on the "
+                            "device)")
+        out = _device_view(out, argument)
+        if tuple(out.shape) != tuple(x.shape) or np.dtype(out.dtype) != np.dtype(x.dtype):
+            raise ValueError(f"{argument} must have x's shape {x.shape} and dtype {x.dtype}")
+        return out
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{argument} must be a NumPy array, got {type(out).__name__}")
     if out.shape != x.shape:
@@ -131,7 +183,11 @@ def check_out(out, x, argument="out"):
 
 def _out_view(out, axis):
     """The (N, C, M) view of `out` if it can be written through one, else None."""
-    if out is None or not out.flags.c_contiguous:
+    if out is None:
+        return None
+    if is_device_array(out):
+        return channel_view(_device_view(out, "out"), axis)
+    if not out.flags.c_contiguous:
         return None
     return channel_view(out, axis)
 
@@ -139,9 +195,16 @@ def _out_view(out, axis):
 def _finish(y3, x, out):
     if out is None:
         return y3.reshape(x.shape)
+    if is_device_array(out):
+        return out  # the CUDA backend wrote into it
     if not np.shares_memory(y3, out):
         np.copyto(out, y3.reshape(x.shape))
     return out
+
+
+def channel_moments(x, axis):
+    """Per-channel batch mean and biased variance as float64 host vectors."""
+    return backends.get_for(x).moments(channel_view(x, axis))
 
 
 def _check_epsilon(epsilon, argument="epsilon"):
@@ -239,7 +302,7 @@ def moments(x, axes, shift=None, name=None, keep_dims=None, keepdims=None):
     axes = _normalize_axes(axes, x.ndim)
     keep = _keepdims(keep_dims, keepdims)
     x3, _, kept = _reduced_view(x, axes)
-    mean, variance = backends.get().moments(x3)
+    mean, variance = backends.get_for(x).moments(x3)
     return _moments_result(x, axes, kept, mean, variance, keep, x.dtype)
 
 
@@ -272,7 +335,7 @@ def weighted_moments(x, axes, frequency_weights, name=None, keep_dims=None, keep
         )
     x3, perm, kept = _reduced_view(x, axes)
     w3 = _weights_view(w, x, x3, perm, kept, compute_dtype(x.dtype))
-    mean, variance = backends.get().moments(x3, w3)
+    mean, variance = backends.get_for(x).moments(x3, w3)
     return _moments_result(x, axes, kept, mean, variance, keep, x.dtype)
 
 
@@ -345,6 +408,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     does not).  `out` takes an array of x's shape and dtype to write into;
     `activation=fastbn.nn.relu` applies a ReLU in the same pass.
     """
+    original = x
     x = as_float_array(x, "x")
     epsilon = _check_epsilon(variance_epsilon, "variance_epsilon")
     relu_fused = _fused_activation(activation)
@@ -360,11 +424,16 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
         raise TypeError("mean and variance are required")
     axis = _param_layout(x, params)
     if axis is None:
+        if is_device_array(x):
+            raise TypeError("batch_normalization of a device array takes per-channel "
+                            "parameters (varying along one axis)")
         y = _generic_batch_normalization(x, params, epsilon, out)
         return np.maximum(y, 0, out=y) if relu_fused else y
     if axis == -1:
         x3 = x.reshape(-1, 1, 1)
-        out3 = out.reshape(-1, 1, 1) if out is not None and out.flags.c_contiguous else None
+        out3 = None
+        if out is not None and (is_device_array(out) or out.flags.c_contiguous):
+            out3 = out.reshape(-1, 1, 1)
         channels = 1
     else:
         x3 = channel_view(x, axis)
@@ -377,10 +446,10 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
         for name, p in params
     }
     offset_v = vec["offset"] if vec["offset"] is not None else np.zeros(channels, ct)
-    y3 = backends.get().infer_forward(
+    y3 = backends.get_for(x).infer_forward(
         x3, vec["mean"], vec["variance"], vec["scale"], offset_v, epsilon, out=out3,
         relu=relu_fused)
-    return _finish(y3, x, out)
+    return as_caller_kind(_finish(y3, x, out), original)
 
 
 def _fused_activation(activation):
@@ -440,6 +509,7 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
       variance.  In inference, the given statistics.  Statistics are float32
       (float64 for float64 input).
     """
+    original = x
     x = as_float_array(x, "x")
     if x.ndim < 2:
         raise ValueError(f"x must have rank >= 2, got shape {x.shape}")
@@ -472,8 +542,9 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
     if is_training and x.size == 0:
         raise ValueError(f"x has no elements per channel to compute batch statistics from "
                          f"(shape {x.shape})")
-    return fused_batch_norm_checked(x, axis, scale_v, offset_v, mean_v, var_v, epsilon,
-                                    is_training, factor, out, relu_fused)
+    y, batch_mean, batch_var = fused_batch_norm_checked(
+        x, axis, scale_v, offset_v, mean_v, var_v, epsilon, is_training, factor, out, relu_fused)
+    return as_caller_kind(y, original), batch_mean, batch_var
 
 
 def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is_training,
@@ -486,7 +557,7 @@ def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is
     """
     x3 = channel_view(x, axis)
     out3 = _out_view(out, axis)
-    backend = backends.get()
+    backend = backends.get_for(x)
     if not is_training:
         y3 = backend.infer_forward(x3, mean, variance, scale, offset, epsilon, out=out3,
                                    relu=relu)
@@ -521,7 +592,7 @@ def batch_norm_backward(x, dy, axis, mean, variance, epsilon, scale, training, w
     def vector(v):
         return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), (x.shape[axis],)))
 
-    dx3, sum_dy, sum_dy_xhat = backends.get().backward(
+    dx3, sum_dy, sum_dy_xhat = backends.get_for(x).backward(
         channel_view(x, axis), channel_view(dy, axis), vector(mean), vector(variance),
         vector(scale), float(epsilon), bool(training), weights=weights,
         out=_out_view(out, axis))
@@ -550,11 +621,12 @@ def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_form
       In training dx = scale / sqrt(var + eps) * (dy - mean(dy) - x_hat *
       mean(dy * x_hat)); in inference dx = dy * scale / sqrt(var + eps).
     """
+    original = dy
     x = as_float_array(x, "x")
     dy = as_float_array(dy, "dy")
     if x.ndim < 2:
         raise ValueError(f"x must have rank >= 2, got shape {x.shape}")
-    if dy.shape != x.shape:
+    if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
@@ -575,7 +647,7 @@ def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_form
     dx, sum_dy, sum_dy_xhat = batch_norm_backward(x, dy, axis, mean_v, var_v, epsilon, scale_v,
                                                   is_training, out=out)
     ct = compute_dtype(x.dtype)
-    return dx, sum_dy_xhat.astype(ct), sum_dy.astype(ct)
+    return as_caller_kind(dx, original), sum_dy_xhat.astype(ct), sum_dy.astype(ct)
 
 
 # --------------------------------------------------------------------------

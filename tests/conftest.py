@@ -5,14 +5,34 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+if os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0"):
+    # Numba's CUDA simulator runs every CUDA thread as a Python thread and meets them at
+    # barriers: a short switch interval makes those meetings quick.
+    sys.setswitchinterval(1e-4)
+
 import fastbn  # noqa: E402
 
-# Every backend that works here; the suite runs its backend-generic tests on each.
-BACKENDS = fastbn.backends.available()
+# FASTBN_TEST_BACKENDS=name[,name]: run only the backend-generic tests, on those
+# backends (CI runs the CUDA backend this way under the simulator).
+ONLY = [b for b in os.environ.get("FASTBN_TEST_BACKENDS", "").split(",") if b]
+BACKENDS = ONLY or fastbn.backends.available()
 
 
 def pytest_report_header(config):
     return f"fastbn backends under test: {', '.join(BACKENDS)}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not ONLY:
+        return
+    missing = [b for b in ONLY if b not in fastbn.backends.available()]
+    if missing:
+        raise pytest.UsageError(
+            f"FASTBN_TEST_BACKENDS names backends that do not work here: {missing} "
+            f"({fastbn.backends.status()})")
+    selected = [item for item in items if "backend" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in selected])
+    items[:] = selected
 
 
 @pytest.fixture(params=BACKENDS)

@@ -19,6 +19,8 @@ import importlib
 import os
 import threading
 
+import numpy as np
+
 from .base import Backend, BackendUnavailable, compute_dtype, per_channel_multiplier
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "available",
     "compute_dtype",
     "get",
+    "get_for",
+    "is_device_array",
     "per_channel_multiplier",
     "register",
     "registered",
@@ -63,6 +67,8 @@ def _builtin_factory(module_name):
 # name -> (module, priority for auto)
 _BUILTINS = {
     "cython": ("cython_backend", 100),
+    # Below the CPU backends: NumPy inputs would cross the bus on every call.
+    "numba_cuda": ("numba_cuda_backend", 50),
     "numpy": ("numpy_backend", 0),
 }
 
@@ -188,10 +194,14 @@ def _resolve(name):
     if name == AUTO:
         backend = _auto_cache.get(AUTO)
         if backend is None:
-            names = available()
-            if not names:
+            # Probe in priority order and stop at the first that works: a backend
+            # further down (and its imports) is not touched.
+            for candidate in sorted(_entries, key=lambda n: -_entries[n].priority):
+                if _probe(candidate).instance is not None:
+                    backend = _auto_cache[AUTO] = _entries[candidate].instance
+                    break
+            else:
                 raise RuntimeError("no fastbn backend works here")
-            backend = _auto_cache[AUTO] = _entries[names[0]].instance
         return backend
     entry = _entries.get(name)
     if entry is None:
@@ -218,6 +228,29 @@ def get(name=None):
         if entry is not None and entry.instance is not None:
             return entry.instance
     return _resolve(name)
+
+
+def is_device_array(array):
+    """Whether `array` lives on a GPU (`__cuda_array_interface__`, or the CUDA simulator's)."""
+    return (hasattr(array, "__cuda_array_interface__")
+            or type(array).__name__ == "FakeCUDAArray")
+
+
+def get_for(array, name=None):
+    """The backend for `array`: as `get`, but device arrays go to a backend that takes them.
+
+    With `auto` a device array selects `numba_cuda`; a backend chosen by name
+    that cannot take device arrays raises TypeError.
+    """
+    backend = get(name)
+    if backend.accepts_device_arrays or type(array) is np.ndarray or not is_device_array(array):
+        return backend
+    selected = name or _override.get() or os.environ.get(ENV_VAR) or AUTO
+    if selected == AUTO:
+        return get("numba_cuda")
+    raise TypeError(
+        f"backend {backend.name!r} takes NumPy arrays; device arrays need the numba_cuda "
+        "backend (or FASTBN_BACKEND=auto)")
 
 
 class use:

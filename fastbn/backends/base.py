@@ -61,6 +61,8 @@ class Backend:
 
     name = None
     description = ""
+    # Whether the kernels take device (__cuda_array_interface__) arrays.
+    accepts_device_arrays = False
 
     def threads(self):
         """How many threads the backend's kernels use (1 when serial)."""

@@ -1,0 +1,116 @@
+"""The Numba CUDA backend: availability, and device arrays in and out.
+
+Run under Numba's simulator in CI (NUMBA_ENABLE_CUDASIM=1
+FASTBN_TEST_BACKENDS=numba_cuda), and on a real GPU where one is at hand.
+The backend-generic tests and the TF fixtures cover its numbers.
+"""
+
+import numpy as np
+import pytest
+
+import fastbn as fb
+from fastbn import nn
+
+
+@pytest.fixture
+def cuda(backend):
+    if backend.name != "numba_cuda":
+        pytest.skip("device arrays need the numba_cuda backend")
+    from numba import cuda as numba_cuda
+
+    return numba_cuda
+
+
+def _host(a):
+    return a.copy_to_host()
+
+
+def _data(shape, seed=0, dtype=np.float32):
+    return (np.random.default_rng(seed).standard_normal(shape) * 2 + 1).astype(dtype)
+
+
+def test_the_backend_says_why_it_is_not_available_here():
+    reason = fb.backends.status()["numba_cuda"]
+    if reason is None:
+        assert fb.backends.get("numba_cuda").accepts_device_arrays
+    else:
+        assert "numba-cuda is not installed" in reason or "CUDA" in reason
+    assert fb.backends.get("auto").name != "numba_cuda"  # auto never picks it for NumPy
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_fused_batch_norm_on_device_arrays(cuda, data_format, dtype):
+    x = _data((4, 3, 5), dtype=dtype)
+    c = x.shape[1] if data_format == "NCHW" else x.shape[-1]
+    d_x = cuda.to_device(x)
+    y, mean, var = nn.fused_batch_norm(d_x, np.ones(c), np.zeros(c), data_format=data_format)
+    assert fb.backends.is_device_array(y) and isinstance(mean, np.ndarray)
+    assert y.dtype == dtype and tuple(y.shape) == x.shape
+    ref, ref_mean, ref_var = nn.fused_batch_norm(x, np.ones(c), np.zeros(c),
+                                                 data_format=data_format)
+    tol = 2e-2 if dtype == np.float16 else 1e-5
+    np.testing.assert_allclose(_host(y), ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5)
+    d_out = cuda.device_array(x.shape, dtype)
+    got, _, _ = nn.fused_batch_norm(d_x, np.ones(c), np.zeros(c), data_format=data_format,
+                                    out=d_out)
+    assert got is d_out
+    np.testing.assert_allclose(_host(d_out), ref, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(_host(d_x), x)  # the input is untouched
+
+
+def test_moments_and_gradients_on_device_arrays(cuda):
+    x = _data((6, 4))
+    dy = _data((6, 4), seed=1)
+    d_x, d_dy = cuda.to_device(x), cuda.to_device(dy)
+    mean, var = nn.moments(d_x, [0])
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var, x.var(0), rtol=1e-5)
+    dx, dscale, doffset = nn.fused_batch_norm_grad(d_dy, d_x, np.ones(4), mean, var)
+    ref = nn.fused_batch_norm_grad(dy, x, np.ones(4), mean, var)
+    np.testing.assert_allclose(_host(dx), ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dscale, ref[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(fused=False), dict(updates_collections=None),
+                                    dict(is_training=False), dict(batch_weights=np.ones(4))])
+def test_layer_on_device_arrays(cuda, kwargs):
+    x = _data((4, 3, 2, 5))
+    with fb.Graph().as_default():
+        ref = fb.batch_norm(x, scale=True, data_format="NCHW", **kwargs)
+    with fb.Graph().as_default():
+        y = fb.batch_norm(cuda.to_device(x), scale=True, data_format="NCHW", **kwargs)
+        fb.apply_updates()
+        assert fb.get_variables_by_name("moving_mean")[0].numpy().shape == (3,)
+    assert fb.backends.is_device_array(y)
+    np.testing.assert_allclose(_host(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tape_on_device_arrays(cuda):
+    x = _data((5, 3))
+    dy = _data((5, 3), seed=2)
+    d_x = cuda.to_device(x)
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(d_x, scale=True, activation_fn=fb.nn.relu, scope="bn")
+    gamma = fb.get_variables_by_name("gamma")[0]
+    dx, dgamma = tape.gradient(y, [d_x, gamma], output_gradients=dy)
+    with fb.Graph().as_default():
+        with fb.GradientTape() as tape:
+            y_ref = fb.batch_norm(x, scale=True, activation_fn=fb.nn.relu, scope="bn")
+        ref = tape.gradient(y_ref, [x, fb.get_variables_by_name("gamma")[0]],
+                            output_gradients=dy)
+    np.testing.assert_allclose(_host(dx), ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dgamma, ref[1], rtol=1e-4, atol=1e-5)
+
+
+def test_device_arrays_reach_the_cuda_backend_from_any_selection(cuda):
+    d_x = cuda.to_device(_data((4, 2)))
+    with fb.backends.use("auto"):
+        y, _, _ = nn.fused_batch_norm(d_x, np.ones(2), np.zeros(2))
+    assert fb.backends.is_device_array(y)
+    with fb.backends.use("numpy"):
+        with pytest.raises(TypeError, match="numba_cuda"):
+            nn.fused_batch_norm(d_x, np.ones(2), np.zeros(2))
+    with pytest.raises(TypeError, match="where x lives"):
+        nn.fused_batch_norm(d_x, np.ones(2), np.zeros(2), out=np.empty((4, 2), np.float32))
