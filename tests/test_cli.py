@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import fastbn
 from fastbn import bench
 
@@ -31,7 +33,7 @@ def test_bench_quick_writes_every_case_and_backend(tmp_path):
     seen = {(r["case"], r["side"], r["op"]) for r in data["results"]}
     for case, _, _ in bench.QUICK_CASES:
         for backend in fastbn.backends.available():
-            for op in ("train", "infer", "layer"):
+            for op in bench.OPS:
                 assert (case, backend, op) in seen
     assert all(r["median_ms"] > 0 and r["roofline_ms"] > 0 for r in data["results"])
     assert data["copy_gbps"] > 0
@@ -52,3 +54,19 @@ def test_bench_compare_must_be_known():
 def test_no_command_prints_help():
     result = _run()
     assert result.returncode == 2 and "bench" in result.stdout
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = bench.run(["numpy"], quick=True, repeats=1, cases=[bench.CASES[-1]])
+    path = tmp_path / "bench.png"
+    bench.plot(report, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_table_shows_ratios_and_roofline():
+    report = bench.run(["numpy"], quick=True, repeats=1, cases=[bench.CASES[-1]],
+                       ops=("train", "backward"))
+    text = bench.table(report)
+    assert "train:" in text and "backward:" in text and "roofline" in text
+    assert report["results"][0]["of_roofline"] > 0

@@ -1,0 +1,1 @@
+"""asv benchmarks of fastbn (run from asv_benchmarks/: see the README)."""

@@ -1,0 +1,82 @@
+"""fastbn.nn's fused ops and the batch_norm layer, per backend and case.
+
+time_*: how long; peakmem_*: the process's peak memory while it runs;
+track_*: a checksum of the result, so that a commit that changes the numbers
+shows as a step in the graph.
+"""
+
+import fastbn
+
+from .common import Benchmark, checksum
+
+
+class TrainForward(Benchmark):
+    def time_fused_batch_norm(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.fused_batch_norm(self.x, self.scale, self.offset,
+                                       data_format=self.data_format, out=self.out)
+
+    def peakmem_fused_batch_norm(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.fused_batch_norm(self.x, self.scale, self.offset,
+                                       data_format=self.data_format)
+
+    def track_output_checksum(self, backend, case):
+        with fastbn.backends.use(backend):
+            y, _, _ = fastbn.nn.fused_batch_norm(self.x, self.scale, self.offset,
+                                                 data_format=self.data_format)
+        return checksum(y)
+
+
+class Inference(Benchmark):
+    def time_fused_batch_norm(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.fused_batch_norm(self.x, self.scale, self.offset, self.mean, self.variance,
+                                       data_format=self.data_format, is_training=False,
+                                       out=self.out)
+
+    def peakmem_fused_batch_norm(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.fused_batch_norm(self.x, self.scale, self.offset, self.mean, self.variance,
+                                       data_format=self.data_format, is_training=False)
+
+
+class Backward(Benchmark):
+    def time_fused_batch_norm_grad(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.fused_batch_norm_grad(self.dy, self.x, self.scale, self.mean,
+                                            self.variance, data_format=self.data_format,
+                                            out=self.out)
+
+    def peakmem_fused_batch_norm_grad(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.fused_batch_norm_grad(self.dy, self.x, self.scale, self.mean,
+                                            self.variance, data_format=self.data_format)
+
+    def track_input_gradient_checksum(self, backend, case):
+        with fastbn.backends.use(backend):
+            dx, _, _ = fastbn.nn.fused_batch_norm_grad(self.dy, self.x, self.scale, self.mean,
+                                                       self.variance,
+                                                       data_format=self.data_format)
+        return checksum(dx)
+
+
+class Layer(Benchmark):
+    """The whole layer: variables, scopes and in-place moving-average updates."""
+
+    def setup(self, backend, case):
+        super().setup(backend, case)
+        self.graph = fastbn.Graph()
+
+    def time_batch_norm(self, backend, case):
+        with fastbn.backends.use(backend), self.graph.as_default():
+            fastbn.batch_norm(self.x, scale=True, data_format=self.data_format, scope="bn",
+                              reuse=fastbn.AUTO_REUSE, updates_collections=None)
+
+    def time_batch_norm_with_tape(self, backend, case):
+        with fastbn.backends.use(backend), self.graph.as_default():
+            with fastbn.GradientTape() as tape:
+                y = fastbn.batch_norm(self.x, scale=True, data_format=self.data_format,
+                                      scope="bn", reuse=fastbn.AUTO_REUSE,
+                                      updates_collections=None)
+            tape.gradient(y, [self.x], output_gradients=self.dy)
