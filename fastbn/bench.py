@@ -37,6 +37,7 @@ QUICK_CASES = [CASES[2], CASES[3], CASES[5]]
 OPS = ("train", "infer", "backward", "layer")
 PASSES = {"train": 3, "infer": 2, "backward": 5, "layer": 3}
 COMPARATORS = ("torch", "tf")
+SETTLE_SECONDS = 0.02
 
 
 def _channels(shape, fmt):
@@ -195,6 +196,9 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
             for side, fns in sides.items():
                 for op in ops:
                     if op in fns:
+                        # Each side's OpenMP threads spin a while after its calls: let them
+                        # settle before the next side is timed.
+                        time.sleep(SETTLE_SECONDS)
                         samples.setdefault((side, op), []).append(_time(fns[op], min_seconds))
             done += 1
             if progress:
