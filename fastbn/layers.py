@@ -518,14 +518,7 @@ def _moving_grads(training, training_now):
 
 
 def _check_batch_weights(batch_weights, x):
-    if isinstance(batch_weights, Variable):
-        batch_weights = batch_weights._value
-    try:
-        w = np.asarray(batch_weights)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"batch_weights must be an array of numbers: {err}") from None
-    if w.dtype.kind not in "fiub":
-        raise TypeError(f"batch_weights must be numeric, got dtype {w.dtype}")
+    w = nn.as_numeric_array(batch_weights, "batch_weights")
     if w.shape != (x.shape[0],):
         raise ValueError(
             f"batch_weights must have shape [batch_size] = ({x.shape[0]},), got {w.shape}"
@@ -594,27 +587,10 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
     graph = get_default_graph()
     channels = (x.shape[axis],)
     with variable_scope(scope, "BatchNorm", reuse=reuse) as sc:
-        beta = gamma = None
-        if center:
-            beta = model_variable(
-                "beta", channels, _F32, _init(initializers, "beta", _ZEROS),
-                regularizer=regularizers.get("beta"),
-                collections=_collections_for(variables_collections, "beta"),
-                trainable=trainable)
-        if scale:
-            gamma = model_variable(
-                "gamma", channels, _F32, _init(initializers, "gamma", _ONES),
-                regularizer=regularizers.get("gamma"),
-                collections=_collections_for(variables_collections, "gamma"),
-                trainable=trainable)
-        moving_mean = model_variable(
-            "moving_mean", channels, _F32,
-            _init(initializers, "moving_mean", _ZEROS), trainable=False,
-            collections=_collections_for(variables_collections, "moving_mean"))
-        moving_variance = model_variable(
-            "moving_variance", channels, _F32,
-            _init(initializers, "moving_variance", _ONES), trainable=False,
-            collections=_collections_for(variables_collections, "moving_variance"))
+        # float32 whatever the input, to avoid losing precision with float16 (as tf_slim).
+        beta, gamma, moving_mean, moving_variance = _slim_variables(
+            channels, _F32, center, scale, initializers, regularizers, variables_collections,
+            trainable)
         training_now = training.now()
         _check_training_input(x, axis, training_now)
         if not training_now and updates_collections is not None:
@@ -636,6 +612,21 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
             update_variance = _ema_fn(moving_variance, variance, decay)
             _apply_or_collect(updates, training_now, update_mean, update_variance)
     return outputs, node
+
+
+def _slim_variables(channels, dtype, center, scale, initializers, regularizers,
+                    variables_collections, trainable):
+    """beta, gamma (None unless center / scale), moving_mean, moving_variance, as tf_slim
+    creates them: model variables, in this order, each in its variables_collections."""
+
+    def make(name, default, trainable_, regularizer=None):
+        return model_variable(name, channels, dtype, _init(initializers, name, default),
+                              regularizer=regularizer, trainable=trainable_,
+                              collections=_collections_for(variables_collections, name))
+
+    beta = make("beta", _ZEROS, trainable, regularizers.get("beta")) if center else None
+    gamma = make("gamma", _ONES, trainable, regularizers.get("gamma")) if scale else None
+    return beta, gamma, make("moving_mean", _ZEROS, False), make("moving_variance", _ONES, False)
 
 
 def _ema_fn(var, value, decay):
@@ -840,25 +831,9 @@ def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
     channels = (x.shape[axis],)
     dtype = x.dtype
     with variable_scope(scope, "BatchNorm", reuse=reuse) as sc:
-        beta = gamma = None
-        if center:
-            beta = model_variable(
-                "beta", channels, dtype, _init(initializers, "beta", _ZEROS),
-                collections=_collections_for(variables_collections, "beta"),
-                trainable=trainable)
-        if scale:
-            gamma = model_variable(
-                "gamma", channels, dtype, _init(initializers, "gamma", _ONES),
-                collections=_collections_for(variables_collections, "gamma"),
-                trainable=trainable)
-        moving_mean = model_variable(
-            "moving_mean", channels, dtype,
-            _init(initializers, "moving_mean", _ZEROS), trainable=False,
-            collections=_collections_for(variables_collections, "moving_mean"))
-        moving_variance = model_variable(
-            "moving_variance", channels, dtype,
-            _init(initializers, "moving_variance", _ONES), trainable=False,
-            collections=_collections_for(variables_collections, "moving_variance"))
+        # tf_slim's own path creates its variables without the regularizers.
+        beta, gamma, moving_mean, moving_variance = _slim_variables(
+            channels, dtype, center, scale, initializers, {}, variables_collections, trainable)
         training_now = training.now()
         if not training_now and updates_collections is not None:
             _check_stale(graph, sc.name)

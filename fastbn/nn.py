@@ -113,6 +113,19 @@ def as_float_array(value, argument):
     return array
 
 
+def as_numeric_array(value, argument):
+    """`value` (an array-like or a Variable) as a NumPy array of numbers, else TypeError."""
+    if isinstance(value, Variable):
+        value = value._value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{argument} must be an array of numbers: {err}") from None
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"{argument} must be numeric, got dtype {array.dtype}")
+    return array
+
+
 def as_channel_vector(value, channels, dtype, argument):
     """A per-channel parameter as a contiguous 1-D array of `channels` in `dtype`.
 
@@ -123,12 +136,7 @@ def as_channel_vector(value, channels, dtype, argument):
     if (type(value) is np.ndarray and value.dtype == dtype and value.shape == (channels,)
             and value.flags.c_contiguous):
         return value
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{argument} must be an array of {channels} numbers: {err}") from None
-    if array.dtype.kind not in "fiub":
-        raise TypeError(f"{argument} must be numeric, got dtype {array.dtype}")
+    array = as_numeric_array(value, argument)
     if array.ndim == 0:
         return np.full(channels, array, dtype)
     if array.shape != (channels,):
@@ -315,14 +323,7 @@ def weighted_moments(x, axes, frequency_weights, name=None, keep_dims=None, keep
     x = as_float_array(x, "x")
     axes = _normalize_axes(axes, x.ndim)
     keep = _keepdims(keep_dims, keepdims)
-    if isinstance(frequency_weights, Variable):
-        frequency_weights = frequency_weights._value
-    try:
-        w = np.asarray(frequency_weights)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"frequency_weights must be numeric: {err}") from None
-    if w.dtype.kind not in "fiub":
-        raise TypeError(f"frequency_weights must be numeric, got dtype {w.dtype}")
+    w = as_numeric_array(frequency_weights, "frequency_weights")
     try:
         np.broadcast_shapes(w.shape, x.shape)
     except ValueError:
@@ -384,17 +385,7 @@ def _param_layout(x, params):
 
 
 def _param_array(value, argument):
-    if value is None:
-        return None
-    if isinstance(value, Variable):
-        return value._value
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{argument} must be numeric: {err}") from None
-    if array.dtype.kind not in "fiub":
-        raise TypeError(f"{argument} must be numeric, got dtype {array.dtype}")
-    return array
+    return None if value is None else as_numeric_array(value, argument)
 
 
 def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name=None,
