@@ -6,9 +6,37 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0"):
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
     # Numba's CUDA simulator runs every CUDA thread as a Python thread and meets them at
     # barriers: a short switch interval makes those meetings quick.
     sys.setswitchinterval(1e-4)
+    # Its cuda.shared.array looks an allocation up (by the calling line), then creates it,
+    # without a lock: two threads of a block can end up with different arrays, one of them
+    # uninitialised.  The same lookup, under a lock (fastbn uses static shared arrays only).
+    import traceback
+
+    import numpy as np
+    from numba.core import types
+    from numba.np import numpy_support
+
+    _shared_lock = threading.Lock()
+
+    def _locked_shared_array(self, shape, dtype, alignment=None):
+        if alignment is not None or shape == 0:
+            raise RuntimeError("fastbn's tests patch the simulator for static shared arrays")
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1][0:2])
+        with _shared_lock:
+            array = self._allocations.get(caller)
+            if array is None:
+                array = self._allocations[caller] = np.empty(shape, dtype)
+        return array
+
+    kernelapi.FakeCUDAShared.array = _locked_shared_array
 
 import fastbn  # noqa: E402
 

@@ -46,6 +46,7 @@ def test_same_bits_for_any_thread_count(kernels, dtype, shape):
     x = _data(shape, dtype)
     scale = np.linspace(0.5, 2, shape[1])
     offset = np.linspace(-1, 1, shape[1])
+    dy = _data(shape, dtype, seed=1, loc=0.0)
     results = []
     for threads in (1, 2, 16):
         out = np.empty_like(x)
@@ -53,7 +54,11 @@ def test_same_bits_for_any_thread_count(kernels, dtype, shape):
         wmean, wvar = kernels.moments(x, np.broadcast_to(
             np.linspace(0, 1, shape[0] * shape[2]).astype(dtype).reshape(shape[0], 1, shape[2]),
             shape), threads)
-        results.append([_bits(a) for a in (mean, var, out, wmean, wvar)])
+        dx = np.empty_like(x)
+        sum_dy, sum_dy_xhat = kernels.backward(x, dy, dx, mean, var, scale, 1e-3, True, None,
+                                               threads)
+        results.append([_bits(a) for a in (mean, var, out, wmean, wvar, dx, sum_dy,
+                                           sum_dy_xhat)])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
