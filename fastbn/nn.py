@@ -474,6 +474,25 @@ def bessel_factor(count):
     return count / (count - 1.0) if count > 1 else 1.0
 
 
+def _fused_arguments(x, data_format, epsilon, is_training):
+    """The checks the fused op and its gradient share: (axis, channels, epsilon, is_training).
+
+    epsilon comes back raised to TF1's floor.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"x must have rank >= 2, got shape {x.shape}")
+    axis = channel_axis(data_format, x.ndim)
+    channels = x.shape[axis]
+    if channels == 0:
+        raise ValueError(f"x has an empty channel dimension (shape {x.shape})")
+    epsilon = max(_check_epsilon(epsilon), FUSED_MIN_EPSILON)
+    if is_training is not True and is_training is not False:
+        if not isinstance(is_training, np.bool_):
+            raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
+        is_training = bool(is_training)
+    return axis, channels, epsilon, is_training
+
+
 def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
                      data_format="NHWC", is_training=True, name=None,
                      exponential_avg_factor=1.0, out=None, activation=None):
@@ -502,18 +521,9 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
     """
     original = x
     x = as_float_array(x, "x")
-    if x.ndim < 2:
-        raise ValueError(f"x must have rank >= 2, got shape {x.shape}")
-    axis = channel_axis(data_format, x.ndim)
-    channels = x.shape[axis]
-    if channels == 0:
-        raise ValueError(f"x has an empty channel dimension (shape {x.shape})")
-    epsilon = max(_check_epsilon(epsilon), FUSED_MIN_EPSILON)
+    axis, channels, epsilon, is_training = _fused_arguments(x, data_format, epsilon,
+                                                            is_training)
     relu_fused = _fused_activation(activation)
-    if is_training is not True and is_training is not False:
-        if not isinstance(is_training, np.bool_):
-            raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
-        is_training = bool(is_training)
     factor = float(exponential_avg_factor)
     if not 0.0 <= factor <= 1.0:
         raise ValueError(f"exponential_avg_factor must be in [0, 1], got {factor}")
@@ -615,21 +625,12 @@ def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_form
     original = dy
     x = as_float_array(x, "x")
     dy = as_float_array(dy, "dy")
-    if x.ndim < 2:
-        raise ValueError(f"x must have rank >= 2, got shape {x.shape}")
+    axis, channels, epsilon, is_training = _fused_arguments(x, data_format, epsilon,
+                                                            is_training)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
-    axis = channel_axis(data_format, x.ndim)
-    channels = x.shape[axis]
-    if channels == 0:
-        raise ValueError(f"x has an empty channel dimension (shape {x.shape})")
-    epsilon = max(_check_epsilon(epsilon), FUSED_MIN_EPSILON)
-    if is_training is not True and is_training is not False:
-        if not isinstance(is_training, np.bool_):
-            raise TypeError(f"is_training must be a bool, got {type(is_training).__name__}")
-        is_training = bool(is_training)
     scale_v = as_channel_vector(scale, channels, np.float64, "scale")
     mean_v = as_channel_vector(mean, channels, np.float64, "mean")
     var_v = as_channel_vector(variance, channels, np.float64, "variance")
