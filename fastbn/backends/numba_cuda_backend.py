@@ -58,10 +58,12 @@ def _jit(fn):
 
 
 @_jit
-def rows_partials(x, w, has_w, ws_c, rows_per_block, shift, out0, out1, out2):
-    """Partials of a rows block: sum(w), sum(w*d), sum(w*d*d), d = x - x[0, c, 0].
+def rows_sums(x, a, has_a, a_c, rows_per_block, centre, centre_from_data, out0, out1, out2):
+    """Per-channel partials of a rows block: sum(a), sum(a*d), sum(a*d*d), d = x - centre.
 
-    The shift (each channel's first element) is written to shift[c].
+    a is `a[r, c * a_c, 0]` (weights shared by the channels: a_c = 0), or 1 without it.
+    The centre is centre[c], or with `centre_from_data` each channel's first element,
+    then written to centre[c].
     """
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -76,16 +78,19 @@ def rows_partials(x, w, has_w, ws_c, rows_per_block, shift, out0, out1, out2):
     a1 = 0.0
     a2 = 0.0
     if c < channels:
-        sh = float64(x[0, c, 0])
-        if b == 0 and ty == 0:
-            shift[c] = sh
+        if centre_from_data:
+            ce = float64(x[0, c, 0])
+            if b == 0 and ty == 0:
+                centre[c] = ce
+        else:
+            ce = centre[c]
         start = b * rows_per_block
         end = min(start + rows_per_block, n_rows)
         for r in range(start + ty, end, ROW_THREADS):
-            v = float64(x[r, c, 0]) - sh
+            v = float64(x[r, c, 0]) - ce
             wt = 1.0
-            if has_w:
-                wt = float64(w[r, c * ws_c, 0])
+            if has_a:
+                wt = float64(a[r, c * a_c, 0])
             a0 += wt
             a1 += wt * v
             a2 += wt * v * v
@@ -105,9 +110,11 @@ def rows_partials(x, w, has_w, ws_c, rows_per_block, shift, out0, out1, out2):
         out1[b, c] = t1
         out2[b, c] = t2
 
+
 @_jit
-def runs_partials(x, w, has_w, ws_c, positions_per_block, shift, out0, out1, out2):
-    """Partials of a runs block of channel blockIdx.x over positions p = n * M + m."""
+def runs_sums(x, a, has_a, a_c, positions_per_block, centre, centre_from_data, out0, out1,
+              out2):
+    """`rows_sums` for a runs block of channel blockIdx.x, over positions p = n * M + m."""
     c = cuda.blockIdx.x
     b = cuda.blockIdx.y
     tid = cuda.threadIdx.x
@@ -116,9 +123,12 @@ def runs_partials(x, w, has_w, ws_c, positions_per_block, shift, out0, out1, out
     s0 = cuda.shared.array(RUN_THREADS, float64)
     s1 = cuda.shared.array(RUN_THREADS, float64)
     s2 = cuda.shared.array(RUN_THREADS, float64)
-    sh = float64(x[0, c, 0])
-    if b == 0 and tid == 0:
-        shift[c] = sh
+    if centre_from_data:
+        ce = float64(x[0, c, 0])
+        if b == 0 and tid == 0:
+            centre[c] = ce
+    else:
+        ce = centre[c]
     start = b * positions_per_block
     end = min(start + positions_per_block, total)
     a0 = 0.0
@@ -127,10 +137,10 @@ def runs_partials(x, w, has_w, ws_c, positions_per_block, shift, out0, out1, out
     for p in range(start + tid, end, RUN_THREADS):
         n = p // m_size
         m = p - n * m_size
-        v = float64(x[n, c, m]) - sh
+        v = float64(x[n, c, m]) - ce
         wt = 1.0
-        if has_w:
-            wt = float64(w[n, c * ws_c, m])
+        if has_a:
+            wt = float64(a[n, c * a_c, m])
         a0 += wt
         a1 += wt * v
         a2 += wt * v * v
@@ -165,73 +175,6 @@ def normalize(x, y, mean, k, b, relu):
         y[n, c, m] = v
 
 @_jit
-def rows_grad_partials(x, dy, rows_per_block, mean, out1, out2):
-    """Partials of sum(dy) and sum(dy * (x - mean[c])) over a rows block."""
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + tx
-    b = cuda.blockIdx.y
-    n_rows = x.shape[0]
-    channels = x.shape[1]
-    s1 = cuda.shared.array((ROW_THREADS, CHANNELS_PER_BLOCK), float64)
-    s2 = cuda.shared.array((ROW_THREADS, CHANNELS_PER_BLOCK), float64)
-    a1 = 0.0
-    a2 = 0.0
-    if c < channels:
-        mc = mean[c]
-        start = b * rows_per_block
-        end = min(start + rows_per_block, n_rows)
-        for r in range(start + ty, end, ROW_THREADS):
-            g = float64(dy[r, c, 0])
-            a1 += g
-            a2 += g * (float64(x[r, c, 0]) - mc)
-    s1[ty, tx] = a1
-    s2[ty, tx] = a2
-    cuda.syncthreads()
-    if ty == 0 and c < channels:
-        t1 = 0.0
-        t2 = 0.0
-        for k in range(ROW_THREADS):
-            t1 += s1[k, tx]
-            t2 += s2[k, tx]
-        out1[b, c] = t1
-        out2[b, c] = t2
-
-@_jit
-def runs_grad_partials(x, dy, positions_per_block, mean, out1, out2):
-    c = cuda.blockIdx.x
-    b = cuda.blockIdx.y
-    tid = cuda.threadIdx.x
-    m_size = x.shape[2]
-    total = x.shape[0] * m_size
-    s1 = cuda.shared.array(RUN_THREADS, float64)
-    s2 = cuda.shared.array(RUN_THREADS, float64)
-    mc = mean[c]
-    start = b * positions_per_block
-    end = min(start + positions_per_block, total)
-    a1 = 0.0
-    a2 = 0.0
-    for p in range(start + tid, end, RUN_THREADS):
-        n = p // m_size
-        m = p - n * m_size
-        g = float64(dy[n, c, m])
-        a1 += g
-        a2 += g * (float64(x[n, c, m]) - mc)
-    s1[tid] = a1
-    s2[tid] = a2
-    cuda.syncthreads()
-    step = RUN_THREADS // 2
-    while step > 0:
-        if tid < step:
-            s1[tid] += s1[tid + step]
-            s2[tid] += s2[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    if tid == 0:
-        out1[b, c] = s1[0]
-        out2[b, c] = s2[0]
-
-@_jit
 def grad_input(x, dy, dx, mean, a, bb, cc, w, has_w):
     m_size = x.shape[2]
     channels = x.shape[1]
@@ -245,9 +188,8 @@ def grad_input(x, dy, dx, mean, a, bb, cc, w, has_w):
         dx[n, c, m] = a[c] * dy[n, c, m] + term
 
 
-KERNELS = {name: globals()[name] for name in (
-    "rows_partials", "runs_partials", "normalize", "rows_grad_partials",
-    "runs_grad_partials", "grad_input")}
+KERNELS = {name: globals()[name] for name in ("rows_sums", "runs_sums", "normalize",
+                                              "grad_input")}
 
 
 def _elementwise_blocks(size):
@@ -331,18 +273,30 @@ class NumbaCudaBackend(Backend):
             return self._device(x)[0], False
         return self._cuda.to_device(np.ascontiguousarray(x, ct)), True
 
-    def _launch_reduction(self, kernel_rows, kernel_runs, shape, *args):
-        n, c, m = shape
-        if m == 1:
-            rows = max(1, BLOCK_ELEMENTS // CHANNELS_PER_BLOCK)
-            blocks = max(1, math.ceil(n / rows))
-            grid = (math.ceil(c / CHANNELS_PER_BLOCK), blocks)
-            return kernel_rows, grid, (CHANNELS_PER_BLOCK, ROW_THREADS), rows, blocks
-        positions = BLOCK_ELEMENTS
-        blocks = max(1, math.ceil(n * m / positions))
-        return kernel_runs, (c, blocks), RUN_THREADS, positions, blocks
+    def _sums(self, d_x, d_a, a_c, centre, centre_from_data):
+        """Per-channel sum(a), sum(a*d), sum(a*d*d) (d = x - centre), float64 on the host.
 
-    # -- protocol ----------------------------------------------------------------
+        Block partials are summed on the host in block order.  d_a: None for a = 1.
+        """
+        n, c, m = d_x.shape
+        cuda = self._cuda
+        if m == 1:
+            per_block = max(1, BLOCK_ELEMENTS // CHANNELS_PER_BLOCK)
+            blocks = max(1, math.ceil(n / per_block))
+            kernel = self._k["rows_sums"]
+            grid, block = (math.ceil(c / CHANNELS_PER_BLOCK), blocks), (CHANNELS_PER_BLOCK,
+                                                                        ROW_THREADS)
+        else:
+            per_block = BLOCK_ELEMENTS
+            blocks = max(1, math.ceil(n * m / per_block))
+            kernel, grid, block = self._k["runs_sums"], (c, blocks), RUN_THREADS
+        parts = [cuda.device_array((blocks, c), np.float64) for _ in range(3)]
+        has_a = d_a is not None
+        if not has_a:
+            d_a = cuda.to_device(np.zeros((1, 1, 1)))
+        kernel[grid, block](d_x, d_a, has_a, a_c, per_block, centre, centre_from_data, *parts)
+        return tuple(_sum_blocks(p) for p in parts)
+
     def moments(self, x, weights=None):
         n, c, m = x.shape
         if n * m == 0 or c == 0:
@@ -351,19 +305,14 @@ class NumbaCudaBackend(Backend):
 
     def _moments(self, d_x, weights):
         n, c, m = d_x.shape
-        cuda = self._cuda
+        d_w, w_c = None, 0
         if weights is not None:
             w = np.asarray(weights, np.float64)
-            ws_c = 1 if w.shape[1] == c and c > 1 else 0
-            d_w = cuda.to_device(np.ascontiguousarray(np.broadcast_to(w, (n, w.shape[1], m))))
-        else:
-            ws_c, d_w = 0, cuda.to_device(np.zeros((1, 1, 1)))
-        kernel, grid, block, per_block, blocks = self._launch_reduction(
-            self._k["rows_partials"], self._k["runs_partials"], (n, c, m))
-        parts = [cuda.device_array((blocks, c), np.float64) for _ in range(3)]
-        d_shift = cuda.device_array(c, np.float64)
-        kernel[grid, block](d_x, d_w, weights is not None, ws_c, per_block, d_shift, *parts)
-        s0, s1, s2 = (_sum_blocks(p) for p in parts)
+            w_c = 1 if w.shape[1] == c and c > 1 else 0
+            d_w = self._cuda.to_device(np.ascontiguousarray(np.broadcast_to(
+                w, (n, w.shape[1], m))))
+        d_shift = self._cuda.device_array(c, np.float64)
+        s0, s1, s2 = self._sums(d_x, d_w, w_c, d_shift, True)
         shift = d_shift.copy_to_host()
         with np.errstate(invalid="ignore", divide="ignore"):
             safe = np.where(s0 == 0, 1.0, s0)
@@ -408,12 +357,8 @@ class NumbaCudaBackend(Backend):
             return np.zeros(c), np.zeros(c)
         d_x, _ = self._compute_input(x)
         d_dy, _ = self._compute_input(dy)
-        cuda = self._cuda
-        kernel, grid, block, per_block, blocks = self._launch_reduction(
-            self._k["rows_grad_partials"], self._k["runs_grad_partials"], (n, c, m))
-        parts = [cuda.device_array((blocks, c), np.float64) for _ in range(2)]
-        kernel[grid, block](d_x, d_dy, per_block, self._vector(mean, np.float64), *parts)
-        return _sum_blocks(parts[0]), _sum_blocks(parts[1])
+        sum_dy, sum_dy_xc, _ = self._sums(d_x, d_dy, 1, self._vector(mean, np.float64), False)
+        return sum_dy, sum_dy_xc
 
     def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
         d_x, _ = self._compute_input(x)
