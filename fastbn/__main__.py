@@ -19,7 +19,7 @@ def info(args):
     except Exception as err:  # an unknown FASTBN_BACKEND still lets info report it
         chosen = f"error: {err}"
     print(f"backend: {chosen}  ({fastbn.backends.ENV_VAR}={env or '<unset>, auto'})")
-    print(f"cores this process may use: {_cores()}")
+    print(f"cores this process may use: {fastbn.backends.usable_cores()}")
     print("backends:")
     for name, reason in fastbn.backends.status().items():
         if reason is None:
@@ -29,13 +29,6 @@ def info(args):
         else:
             print(f"  {name:<12} no      {reason}")
     return 0
-
-
-def _cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def bench(args):

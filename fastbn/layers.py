@@ -574,7 +574,7 @@ def _bessel_corrected_moments(x, axis):
     return mean.astype(ct), (var * nn.bessel_factor(count)).astype(ct)
 
 
-def _check_training_input(x, axis, training_now):
+def _check_training_input(x, training_now):
     if training_now and x.size == 0:
         raise ValueError(f"Inputs has no elements per channel to compute batch statistics "
                          f"from (shape {x.shape}) while is_training is True")
@@ -592,7 +592,7 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
             channels, _F32, center, scale, initializers, regularizers, variables_collections,
             trainable)
         training_now = training.now()
-        _check_training_input(x, axis, training_now)
+        _check_training_input(x, training_now)
         if not training_now and updates_collections is not None:
             _check_stale(graph, sc.name)
         outputs, mean, variance = _fused_forward(
@@ -702,7 +702,7 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
         # Keras adds no updates for a frozen (non-trainable) layer.
         collect = trainable and training.may_train
         training_now = training.now() if training.may_train else False
-        _check_training_input(x, axis, training_now)
+        _check_training_input(x, training_now)
         if not training_now:
             _check_stale(graph, sc.name)
         if fused:
@@ -838,7 +838,7 @@ def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
         if not training_now and updates_collections is not None:
             _check_stale(graph, sc.name)
         if training.may_train:
-            _check_training_input(x, axis, training_now)
+            _check_training_input(x, training_now)
             reduce_axes = [a for a in range(x.ndim) if a != axis]
             if batch_weights is None:
                 batch_mean, batch_var = nn.moments(x, reduce_axes)

@@ -21,7 +21,8 @@ import threading
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable, compute_dtype, per_channel_multiplier
+from .base import (Backend, BackendUnavailable, compute_dtype, per_channel_multiplier,
+                   usable_cores)
 
 __all__ = [
     "Backend",
@@ -37,6 +38,7 @@ __all__ = [
     "register",
     "registered",
     "status",
+    "usable_cores",
     "use",
 ]
 

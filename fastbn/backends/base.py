@@ -29,13 +29,33 @@ A backend subclasses `Backend` and implements `moments`, `normalize`,
 with fused kernels.
 """
 
+import os
+
 import numpy as np
 
-__all__ = ["Backend", "BackendUnavailable", "compute_dtype", "per_channel_multiplier"]
+__all__ = ["Backend", "BackendUnavailable", "compute_dtype", "per_channel_multiplier",
+           "position_weights", "usable_cores"]
 
 
 class BackendUnavailable(RuntimeError):
     """Raised by a backend factory when the backend cannot work here; says why."""
+
+
+def usable_cores():
+    """The CPU cores this process may run on (its affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def position_weights(weights, like):
+    """Per-position weights as kernels read them: (N, 1, M) for an (N, C, M) `like`,
+    contiguous, in like's dtype; None stays None."""
+    if weights is None:
+        return None
+    return np.ascontiguousarray(np.broadcast_to(weights, (like.shape[0], 1, like.shape[2])),
+                                like.dtype)
 
 
 def compute_dtype(dtype):

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, position_weights, usable_cores
 
 NUM_THREADS_VAR = "FASTBN_NUM_THREADS"
 DISPATCH_VAR = "FASTBN_CPU_DISPATCH"
@@ -27,13 +27,6 @@ def cpu_has_avx2():
             continue
         return bool(features.get("AVX2") and features.get("FMA3"))
     return False
-
-
-def _cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _load_kernels():
@@ -76,7 +69,7 @@ class CythonBackend(Backend):
             if n < 1:
                 raise ValueError(f"{NUM_THREADS_VAR} must be a positive integer, got {requested!r}")
         else:
-            n = _cores()
+            n = usable_cores()
         return max(1, min(n, self._k.omp_max_threads()))
 
     # -- helpers -----------------------------------------------------------------
@@ -144,9 +137,7 @@ class CythonBackend(Backend):
         dk = self._input(dy)
         ct = dk.dtype
         y = self._output(dy, dk, out)
-        w = None
-        if weights is not None:
-            w = np.ascontiguousarray(np.broadcast_to(weights, (dk.shape[0], 1, dk.shape[2])), ct)
+        w = position_weights(weights, dk)
         self._k.grad_input(xk, dk, y, *(np.ascontiguousarray(v, ct) for v in (mean, a, b, c)),
                            w, self.threads(dk.size))
         return self._finish(dy, y, out)
@@ -157,10 +148,7 @@ class CythonBackend(Backend):
         xk = self._input(x)
         dk = self._input(dy)
         y = self._output(dy, dk, out)
-        w = None
-        if weights is not None:
-            w = np.ascontiguousarray(np.broadcast_to(weights, (dk.shape[0], 1, dk.shape[2])),
-                                     dk.dtype)
+        w = position_weights(weights, dk)
         sum_dy, sum_dy_xhat = self._k.backward(
             xk, dk, y, np.ascontiguousarray(mean, np.float64),
             np.ascontiguousarray(variance, np.float64), np.ascontiguousarray(scale, np.float64),

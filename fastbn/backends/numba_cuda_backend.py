@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable, compute_dtype, per_channel_multiplier
+from .base import (Backend, BackendUnavailable, compute_dtype, per_channel_multiplier,
+                   position_weights)
 
 SIMULATOR_VAR = "NUMBA_ENABLE_CUDASIM"
 
@@ -366,8 +367,7 @@ class NumbaCudaBackend(Backend):
         ct = d_dy.dtype
         cuda = self._cuda
         if weights is not None:
-            d_w = cuda.to_device(np.ascontiguousarray(np.broadcast_to(
-                weights, (d_x.shape[0], 1, d_x.shape[2])), ct))
+            d_w = cuda.to_device(position_weights(weights, d_dy))
         else:
             d_w = cuda.to_device(np.zeros((1, 1, 1), ct))
         d_out = cuda.device_array(d_dy.shape, ct)
