@@ -39,10 +39,11 @@ def test_cython_is_the_default_backend():
     assert fastbn.backends.get().name == "cython"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_same_bits_for_any_thread_count(kernels, dtype, shape):
+def test_same_bits_for_any_thread_count(kernels, dtype, shape, stream):
     x = _data(shape, dtype)
     scale = np.linspace(0.5, 2, shape[1])
     offset = np.linspace(-1, 1, shape[1])
@@ -50,13 +51,13 @@ def test_same_bits_for_any_thread_count(kernels, dtype, shape):
     results = []
     for threads in (1, 2, 16):
         out = np.empty_like(x)
-        mean, var = kernels.train_forward(x, out, scale, offset, 1e-3, False, threads)
+        mean, var = kernels.train_forward(x, out, scale, offset, 1e-3, False, stream, threads)
         wmean, wvar = kernels.moments(x, np.broadcast_to(
             np.linspace(0, 1, shape[0] * shape[2]).astype(dtype).reshape(shape[0], 1, shape[2]),
             shape), threads)
         dx = np.empty_like(x)
         sum_dy, sum_dy_xhat = kernels.backward(x, dy, dx, mean, var, scale, 1e-3, True, None,
-                                               threads)
+                                               stream, threads)
         results.append([_bits(a) for a in (mean, var, out, wmean, wvar, dx, sum_dy,
                                            sum_dy_xhat)])
     for other in results[1:]:
@@ -108,6 +109,75 @@ def test_thread_settings(monkeypatch):
         backend.threads()
     monkeypatch.delenv("FASTBN_NUM_THREADS")
     assert 1 <= backend.threads() <= len(os.sched_getaffinity(0))
+
+
+def test_stream_threshold_settings(monkeypatch):
+    monkeypatch.setenv("FASTBN_STREAM_BYTES", "12345")
+    assert cython_backend.CythonBackend().stream_bytes == 12345
+    monkeypatch.setenv("FASTBN_STREAM_BYTES", "-1")
+    with pytest.raises(ValueError, match="FASTBN_STREAM_BYTES"):
+        cython_backend.CythonBackend()
+    monkeypatch.delenv("FASTBN_STREAM_BYTES")
+    cache = cython_backend.last_level_cache_bytes()
+    expected = cache // 2 if cache else cython_backend.DEFAULT_STREAM_BYTES
+    assert cython_backend.CythonBackend().stream_bytes == expected
+
+
+def _misaligned_like(a, shift):
+    """An array like `a` whose data starts `shift` elements past an allocation's start."""
+    raw = np.empty(a.size + 16, a.dtype)
+    return raw[shift:shift + a.size].reshape(a.shape)
+
+
+# Rows narrower and wider than a cache line and than the kernels' channel tile; runs
+# shorter and longer than a line, and ragged.
+STREAM_SHAPES = [(301, 7, 1), (97, 64, 1), (9, 1500, 1), (6, 3, 5), (5, 4, 301), (2, 3, 4133)]
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", STREAM_SHAPES)
+def test_streamed_outputs_match_plain_stores(kernels, dtype, shape):
+    """Non-temporal stores change where values go, not what they are: every elementwise
+    kernel, any alignment of the output, with and without weights."""
+    x = _data(shape, dtype)
+    dy = _data(shape, dtype, seed=1, loc=0.0)
+    c = shape[1]
+    vectors = [np.linspace(lo, hi, c).astype(dtype) for lo, hi in ((-1, 1), (0.5, 2), (-2, 3),
+                                                                   (1, 1.5))]
+    scale, offset = np.linspace(0.5, 2, c), np.linspace(-1, 1, c)
+    weights = np.linspace(0, 2, shape[0] * shape[2]).astype(dtype).reshape(shape[0], 1, shape[2])
+    mean, var = kernels.moments(x, None, 1)
+
+    def run(stream, out):
+        kernels.normalize(x, out[0], *vectors[:3], True, stream, 2)
+        kernels.train_forward(x, out[1], scale, offset, 1e-3, False, stream, 2)
+        kernels.grad_input(x, dy, out[2], *vectors, weights, stream, 2)
+        sums = kernels.backward(x, dy, out[3], mean, var, scale, 1e-3, True, None, stream, 2)
+        return [o.copy() for o in out] + list(sums)
+
+    plain = run(False, [np.empty_like(x) for _ in range(4)])
+    for shift in (0, 1, 3):
+        streamed = run(True, [_misaligned_like(x, shift) for _ in range(4)])
+        for p, q in zip(plain, streamed):
+            # The same formulas; only the compiler's choice of fused multiply-adds may
+            # differ between the two loops.
+            np.testing.assert_allclose(q, p, rtol=4 * np.finfo(dtype).eps,
+                                       atol=4 * np.finfo(dtype).eps)
+
+
+def test_large_outputs_are_streamed_through_the_backend(monkeypatch):
+    backend = fastbn.backends.get("cython")
+    x = _data((40, 6, 33), np.float32)
+    with fastbn.backends.use("cython"):
+        monkeypatch.setattr(backend, "stream_bytes", 1 << 62)
+        plain = nn.fused_batch_norm(x, np.ones(6, np.float32), np.zeros(6, np.float32),
+                                    data_format="NCHW")
+        monkeypatch.setattr(backend, "stream_bytes", 0)
+        streamed = nn.fused_batch_norm(x, np.ones(6, np.float32), np.zeros(6, np.float32),
+                                       data_format="NCHW")
+    for p, q in zip(plain, streamed):
+        np.testing.assert_allclose(q, p, rtol=1e-6, atol=1e-6)
 
 
 def test_threadpoolctl_sees_and_limits_the_kernels():

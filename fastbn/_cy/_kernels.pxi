@@ -41,6 +41,46 @@ cdef extern from *:
     int fastbn_omp_max_threads() noexcept nogil
     int fastbn_have_openmp() noexcept nogil
 
+cdef extern from *:
+    """
+    /* Non-temporal stores: an output too big to stay cached is written straight to
+       memory, a whole cache line at a time, without first reading each line and
+       without evicting the input that a later pass (or the caller) reads again.
+       `dst` is aligned to 64 bytes. */
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    static void fastbn_stream_line_f32(float* dst, const float* src) {
+        _mm256_stream_ps(dst, _mm256_loadu_ps(src));
+        _mm256_stream_ps(dst + 8, _mm256_loadu_ps(src + 8));
+    }
+    static void fastbn_stream_line_f64(double* dst, const double* src) {
+        _mm256_stream_pd(dst, _mm256_loadu_pd(src));
+        _mm256_stream_pd(dst + 4, _mm256_loadu_pd(src + 4));
+    }
+    static void fastbn_stream_fence(void) { _mm_sfence(); }
+    #elif defined(__SSE2__)
+    #include <emmintrin.h>
+    static void fastbn_stream_line_f32(float* dst, const float* src) {
+        for (int i = 0; i < 16; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    }
+    static void fastbn_stream_line_f64(double* dst, const double* src) {
+        for (int i = 0; i < 8; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+    }
+    static void fastbn_stream_fence(void) { _mm_sfence(); }
+    #else
+    static void fastbn_stream_line_f32(float* dst, const float* src) {
+        for (int i = 0; i < 16; i++) dst[i] = src[i];
+    }
+    static void fastbn_stream_line_f64(double* dst, const double* src) {
+        for (int i = 0; i < 8; i++) dst[i] = src[i];
+    }
+    static void fastbn_stream_fence(void) {}
+    #endif
+    """
+    void fastbn_stream_line_f32(float* dst, const float* src) noexcept nogil
+    void fastbn_stream_line_f64(double* dst, const double* src) noexcept nogil
+    void fastbn_stream_fence() noexcept nogil
+
 ctypedef fused floating:
     float
     double
@@ -54,10 +94,17 @@ DEF FLUSH = 64
 DEF SERIAL_BELOW = 65536
 # Channels per block in the rows layout.
 DEF CHANNEL_TILE = 256
-# Normalising rows wider than this many channels goes tile by tile, NORM_ROWS rows
-# at a time, keeping each tile's parameters in L1.
+# Elementwise passes over rows wider than this many channels go tile by tile,
+# NORM_ROWS rows at a time, keeping each tile's parameters in L1.
 DEF NORM_TILE = 1024
 DEF NORM_ROWS = 8
+# A streamed output (non-temporal stores, chosen by the caller for outputs larger
+# than the cache) is stored in whole cache lines of LINE_BYTES, computed up to
+# PIECE_LINES lines at a time into a buffer on the stack: small enough to alternate
+# reading and writing memory finely, large enough for the loops to vectorise.
+DEF LINE_BYTES = 64
+DEF LINE_FLOATS = 16
+DEF PIECE_LINES = 4
 # Channel by channel (runs layout): when a channel's input is at most this many bytes,
 # a thread reduces it and then writes its output while it is still in L2, so the data
 # comes from memory once instead of twice.  Same blocks, same merge order, same bits.
@@ -535,63 +582,162 @@ cdef void _stats(const floating* x, Geometry* g, const floating* wt,
 
 
 # ---------------------------------------------------------------------------
-# normalization: y = (x - mean) * k + b, then max(y, 0) if relu
+# elementwise passes, one traversal for both:
+#   normalization  y = (x - m) * k + b, then max(y, 0) if relu        (dy == NULL)
+#   input gradient dx = a * dy + w * (k * (x - m) + b), w a weight or 1
 
-cdef void _normalize(const floating* x, floating* y, Geometry* g, const floating* mean,
-                     const floating* k, const floating* b, bint relu,
-                     int n_threads) noexcept nogil:
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, i, j, nc
-    cdef const floating* xr
-    cdef floating* yr
-    cdef floating mc, kc, bc, v
+cdef inline void _stream_line(floating* dst, const floating* src) noexcept nogil:
+    if floating is float:
+        fastbn_stream_line_f32(dst, src)
+    else:
+        fastbn_stream_line_f64(dst, src)
+
+
+cdef inline Py_ssize_t _to_line(const floating* y, Py_ssize_t n) noexcept nogil:
+    """Elements before y reaches a cache-line boundary (all n where y is misaligned)."""
+    cdef size_t address = <size_t>y
+    cdef Py_ssize_t h
+    if address % sizeof(floating) != 0:
+        return n
+    h = <Py_ssize_t>(((LINE_BYTES - address % LINE_BYTES) % LINE_BYTES) // sizeof(floating))
+    return h if h < n else n
+
+
+cdef inline const floating* _offset(const floating* p, Py_ssize_t i) noexcept nogil:
+    """p + i, or NULL for an absent array."""
+    if p == NULL:
+        return NULL
+    return p + i
+
+
+cdef inline void _affine_row(const floating* xr, const floating* gr, floating* yr,
+                             Py_ssize_t n, const floating* m, const floating* k,
+                             const floating* b, const floating* a, floating wr,
+                             bint relu) noexcept nogil:
+    """A stretch of one row (rows layout): per-channel parameters."""
+    cdef Py_ssize_t j
+    cdef floating v
+    if gr != NULL:
+        for j in range(n):
+            yr[j] = a[j] * gr[j] + wr * (k[j] * (xr[j] - m[j]) + b[j])
+    elif relu:
+        for j in range(n):
+            v = (xr[j] - m[j]) * k[j] + b[j]
+            yr[j] = v if v > 0 else 0
+    else:
+        for j in range(n):
+            yr[j] = (xr[j] - m[j]) * k[j] + b[j]
+
+
+cdef inline void _affine_run(const floating* xr, const floating* gr, floating* yr,
+                             Py_ssize_t n, floating mc, floating kc, floating bc, floating ac,
+                             const floating* wr, Py_ssize_t ws, bint relu) noexcept nogil:
+    """A stretch of one channel's run (runs layout): scalar parameters, weights wr[j * ws]."""
+    cdef Py_ssize_t j
+    cdef floating v
+    if gr != NULL and wr != NULL:
+        for j in range(n):
+            yr[j] = ac * gr[j] + wr[j * ws] * (kc * (xr[j] - mc) + bc)
+    elif gr != NULL:
+        for j in range(n):
+            yr[j] = ac * gr[j] + (kc * (xr[j] - mc) + bc)
+    elif relu:
+        for j in range(n):
+            v = (xr[j] - mc) * kc + bc
+            yr[j] = v if v > 0 else 0
+    else:
+        for j in range(n):
+            yr[j] = (xr[j] - mc) * kc + bc
+
+
+cdef inline void _affine_row_out(const floating* xr, const floating* gr, floating* yr,
+                                 Py_ssize_t n, const floating* m, const floating* k,
+                                 const floating* b, const floating* a, floating wr, bint relu,
+                                 bint stream) noexcept nogil:
+    """_affine_row; `stream`: whole cache lines of yr computed in registers and streamed."""
+    cdef floating piece[PIECE_LINES * LINE_FLOATS]
+    cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), j, i, lines
+    if not stream:
+        _affine_row(xr, gr, yr, n, m, k, b, a, wr, relu)
+        return
+    j = _to_line(yr, n)
+    _affine_row(xr, gr, yr, j, m, k, b, a, wr, relu)
+    while j + per <= n:
+        lines = (n - j) // per if (n - j) // per < PIECE_LINES else PIECE_LINES
+        _affine_row(xr + j, _offset(gr, j), piece, lines * per, m + j, k + j, b + j,
+                    _offset(a, j), wr, relu)
+        for i in range(lines):
+            _stream_line(yr + j + i * per, piece + i * per)
+        j += lines * per
+    _affine_row(xr + j, _offset(gr, j), yr + j, n - j, m + j, k + j, b + j, _offset(a, j), wr,
+                relu)
+
+
+cdef inline void _affine_run_out(const floating* xr, const floating* gr, floating* yr,
+                                 Py_ssize_t n, floating mc, floating kc, floating bc,
+                                 floating ac, const floating* wr, Py_ssize_t ws, bint relu,
+                                 bint stream) noexcept nogil:
+    """_affine_run; `stream`: as in _affine_row_out."""
+    cdef floating piece[PIECE_LINES * LINE_FLOATS]
+    cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), j, i, lines
+    if not stream:
+        _affine_run(xr, gr, yr, n, mc, kc, bc, ac, wr, ws, relu)
+        return
+    j = _to_line(yr, n)
+    _affine_run(xr, gr, yr, j, mc, kc, bc, ac, wr, ws, relu)
+    while j + per <= n:
+        lines = (n - j) // per if (n - j) // per < PIECE_LINES else PIECE_LINES
+        _affine_run(xr + j, _offset(gr, j), piece, lines * per, mc, kc, bc, ac,
+                    _offset(wr, j * ws), ws, relu)
+        for i in range(lines):
+            _stream_line(yr + j + i * per, piece + i * per)
+        j += lines * per
+    _affine_run(xr + j, _offset(gr, j), yr + j, n - j, mc, kc, bc, ac, _offset(wr, j * ws), ws,
+                relu)
+
+
+cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
+                  const floating* m, const floating* k, const floating* b, const floating* a,
+                  const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m, bint relu,
+                  bint stream, int n_threads) noexcept nogil:
+    """The elementwise pass over a whole (N, C, M) array; see above for the formulas.
+    `stream`: write y with non-temporal stores."""
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N
+    cdef Py_ssize_t n_tiles, n_blocks, blk, r0, r1, c0, w, r, i, c
     cdef int nt = _threads(N * C * M, n_threads)
-    cdef Py_ssize_t n_tiles, n_row_blocks, blk, r0, r1, c0, w
     if M == 1 and C > NORM_TILE:
         # Wide rows: tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
-        # mean, k and b stay in L1 across its rows.
+        # parameters stay in L1 across its rows.
         n_tiles = (C + NORM_TILE - 1) // NORM_TILE
-        n_row_blocks = (N + NORM_ROWS - 1) // NORM_ROWS
-        for blk in prange(n_row_blocks * n_tiles, schedule="static", num_threads=nt):
-            r0 = (blk // n_tiles) * NORM_ROWS
-            r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
-            c0 = (blk % n_tiles) * NORM_TILE
-            w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
-            for r in range(r0, r1):
-                xr = x + r * C + c0
-                yr = y + r * C + c0
-                if relu:
-                    for j in range(w):
-                        v = (xr[j] - mean[c0 + j]) * k[c0 + j] + b[c0 + j]
-                        yr[j] = v if v > 0 else 0
-                else:
-                    for j in range(w):
-                        yr[j] = (xr[j] - mean[c0 + j]) * k[c0 + j] + b[c0 + j]
+        n_blocks = ((N + NORM_ROWS - 1) // NORM_ROWS) * n_tiles
+        with parallel(num_threads=nt):
+            for blk in prange(n_blocks, schedule="static"):
+                r0 = (blk // n_tiles) * NORM_ROWS
+                r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
+                c0 = (blk % n_tiles) * NORM_TILE
+                w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
+                for r in range(r0, r1):
+                    _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, w,
+                                    m + c0, k + c0, b + c0, _offset(a, c0),
+                                    1 if wt == NULL else wt[r * ws_n], relu, stream)
+            if stream:
+                fastbn_stream_fence()
     elif M == 1:
-        for r in prange(N, schedule="static", num_threads=nt):
-            xr = x + r * C
-            yr = y + r * C
-            if relu:
-                for j in range(C):
-                    v = (xr[j] - mean[j]) * k[j] + b[j]
-                    yr[j] = v if v > 0 else 0
-            else:
-                for j in range(C):
-                    yr[j] = (xr[j] - mean[j]) * k[j] + b[j]
+        with parallel(num_threads=nt):
+            for r in prange(N, schedule="static"):
+                _affine_row_out(x + r * C, _offset(dy, r * C), y + r * C, C, m, k, b, a,
+                                1 if wt == NULL else wt[r * ws_n], relu, stream)
+            if stream:
+                fastbn_stream_fence()
     else:
-        for i in prange(N * C, schedule="static", num_threads=nt):
-            c = i % C
-            mc = mean[c]
-            kc = k[c]
-            bc = b[c]
-            xr = x + i * M
-            yr = y + i * M
-            if relu:
-                for j in range(M):
-                    v = (xr[j] - mc) * kc + bc
-                    yr[j] = v if v > 0 else 0
-            else:
-                for j in range(M):
-                    yr[j] = (xr[j] - mc) * kc + bc
+        with parallel(num_threads=nt):
+            for i in prange(N * C, schedule="static"):
+                c = i % C
+                _affine_run_out(x + i * M, _offset(dy, i * M), y + i * M, M,
+                                m[c], k[c], b[c], 0 if a == NULL else a[c],
+                                _offset(wt, (i // C) * ws_n), ws_m, relu, stream)
+            if stream:
+                fastbn_stream_fence()
 
 
 # ---------------------------------------------------------------------------
@@ -722,43 +868,6 @@ cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const d
             out2[c] += part2[b * C + c]
 
 
-cdef void _grad_input(const floating* x, const floating* dy, floating* dx, Geometry* g,
-                      const floating* mean, const floating* a, const floating* bb,
-                      const floating* cc, const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m,
-                      int n_threads) noexcept nogil:
-    """dx = a * dy + w * (b * (x - mean) + c) per channel; w = 1 without weights."""
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, i, j, c
-    cdef const floating* xr
-    cdef const floating* gr
-    cdef floating* yr
-    cdef floating wr, mc, ac, bc, ccc
-    cdef int nt = _threads(N * C * M, n_threads)
-    if M == 1:
-        for r in prange(N, schedule="static", num_threads=nt):
-            xr = x + r * C
-            gr = dy + r * C
-            yr = dx + r * C
-            wr = 1 if wt == NULL else wt[r * ws_n]
-            for j in range(C):
-                yr[j] = a[j] * gr[j] + wr * (bb[j] * (xr[j] - mean[j]) + cc[j])
-    else:
-        for i in prange(N * C, schedule="static", num_threads=nt):
-            c = i % C
-            mc = mean[c]
-            ac = a[c]
-            bc = bb[c]
-            ccc = cc[c]
-            xr = x + i * M
-            gr = dy + i * M
-            yr = dx + i * M
-            if wt == NULL:
-                for j in range(M):
-                    yr[j] = ac * gr[j] + (bc * (xr[j] - mc) + ccc)
-            else:
-                for j in range(M):
-                    yr[j] = ac * gr[j] + wt[(i // C) * ws_n + j * ws_m] * (bc * (xr[j] - mc) + ccc)
-
-
 # ---------------------------------------------------------------------------
 # Python entry points (arrays checked and prepared by the backend)
 
@@ -829,10 +938,11 @@ def moments(cnp.ndarray x, object weights, int n_threads):
 
 
 def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, cnp.ndarray b,
-              bint relu, int n_threads):
+              bint relu, bint stream, int n_threads):
     """out = (x - mean) * k + b per channel (then max(out, 0) if relu); out may be x.
 
     All arrays C-contiguous of x's dtype; x and out (N, C, M), the rest length C.
+    `stream`: write out with non-temporal stores (for outputs larger than the cache).
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
@@ -852,11 +962,13 @@ def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, c
     cdef void* bp = cnp.PyArray_DATA(b)
     with nogil:
         if f32:
-            _normalize(<const float*>xp, <float*>yp, &g, <const float*>mp, <const float*>kp,
-                       <const float*>bp, relu, n_threads)
+            _affine(<const float*>xp, <const float*>NULL, <float*>yp, &g, <const float*>mp,
+                    <const float*>kp, <const float*>bp, <const float*>NULL, <const float*>NULL,
+                    0, 0, relu, stream, n_threads)
         else:
-            _normalize(<const double*>xp, <double*>yp, &g, <const double*>mp,
-                       <const double*>kp, <const double*>bp, relu, n_threads)
+            _affine(<const double*>xp, <const double*>NULL, <double*>yp, &g,
+                    <const double*>mp, <const double*>kp, <const double*>bp,
+                    <const double*>NULL, <const double*>NULL, 0, 0, relu, stream, n_threads)
 
 
 cdef inline bint _channelwise(Geometry* g, Py_ssize_t bytes_per_element,
@@ -866,59 +978,50 @@ cdef inline bint _channelwise(Geometry* g, Py_ssize_t bytes_per_element,
             and (nt <= 1 or g.C >= 2 * nt))
 
 
-cdef void _normalize_channel(const floating* x, floating* y, Geometry* g, Py_ssize_t c,
-                             floating mc, floating kc, floating bc, bint relu) noexcept nogil:
-    cdef Py_ssize_t n, j, M = g.M
-    cdef const floating* xr
-    cdef floating* yr
-    cdef floating v
-    for n in range(g.N):
-        xr = x + (n * g.C + c) * M
-        yr = y + (n * g.C + c) * M
-        if relu:
-            for j in range(M):
-                v = (xr[j] - mc) * kc + bc
-                yr[j] = v if v > 0 else 0
-        else:
-            for j in range(M):
-                yr[j] = (xr[j] - mc) * kc + bc
-
-
 cdef void _train_channelwise(const floating* x, floating* y, Geometry* g, const double* scale,
-                             const double* offset, double epsilon, bint relu, int nt,
-                             double* om, double* ov) noexcept nogil:
+                             const double* offset, double epsilon, bint relu, bint stream,
+                             int nt, double* om, double* ov) noexcept nogil:
     """Statistics then normalisation, one channel at a time per thread."""
-    cdef Py_ssize_t c, blk
+    cdef Py_ssize_t c, blk, r, i
     cdef double count, mean, m2, tot, na, n, delta
-    for c in prange(g.C, schedule="static", num_threads=nt):
-        tot = 0.0
-        for blk in range(g.blocks_per_channel):
-            _runs_block(x, g, c, blk, &count, &mean, &m2)
-            # _merge's arithmetic, for this channel alone.
-            if blk == 0:
-                tot = count
-                om[c] = mean
-                ov[c] = m2
-            else:
-                na = tot
-                n = na + count
-                delta = mean - om[c]
-                om[c] = om[c] + delta * (count / n)
-                ov[c] = ov[c] + m2 + delta * delta * (na * count / n)
-                tot = n
-        ov[c] = ov[c] / tot
-        _normalize_channel(x, y, g, c, <floating>om[c],
-                           <floating>(scale[c] / sqrt(ov[c] + epsilon)), <floating>offset[c],
-                           relu)
+    cdef floating mc, kc, bc
+    with parallel(num_threads=nt):
+        for c in prange(g.C, schedule="static"):
+            tot = 0.0
+            for blk in range(g.blocks_per_channel):
+                _runs_block(x, g, c, blk, &count, &mean, &m2)
+                # _merge's arithmetic, for this channel alone.
+                if blk == 0:
+                    tot = count
+                    om[c] = mean
+                    ov[c] = m2
+                else:
+                    na = tot
+                    n = na + count
+                    delta = mean - om[c]
+                    om[c] = om[c] + delta * (count / n)
+                    ov[c] = ov[c] + m2 + delta * delta * (na * count / n)
+                    tot = n
+            ov[c] = ov[c] / tot
+            mc = <floating>om[c]
+            kc = <floating>(scale[c] / sqrt(ov[c] + epsilon))
+            bc = <floating>offset[c]
+            for r in range(g.N):
+                i = (r * g.C + c) * g.M
+                _affine_run_out(x + i, <const floating*>NULL, y + i, g.M, mc, kc, bc, 0,
+                                <const floating*>NULL, 0, relu, stream)
+        if stream:
+            fastbn_stream_fence()
 
 
 cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
                  const double* scale, const double* offset, double epsilon, bint relu,
-                 int n_threads, double* work, double* om, double* ov) noexcept nogil:
+                 bint stream, int n_threads, double* work, double* om,
+                 double* ov) noexcept nogil:
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     if _channelwise(g, sizeof(floating), nt):
-        _train_channelwise(x, y, g, scale, offset, epsilon, relu, nt, om, ov)
+        _train_channelwise(x, y, g, scale, offset, epsilon, relu, stream, nt, om, ov)
         return
     _stats(x, g, <const floating*>NULL, 0, 0, 0, n_threads, work, work + size, work + 2 * size,
            om, ov)
@@ -930,15 +1033,16 @@ cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
         mv[c] = <floating>om[c]
         kv[c] = <floating>(scale[c] / sqrt(ov[c] + epsilon))
         bv[c] = <floating>offset[c]
-    _normalize(x, y, g, mv, kv, bv, relu, n_threads)
+    _affine(x, <const floating*>NULL, y, g, mv, kv, bv, <const floating*>NULL,
+            <const floating*>NULL, 0, 0, relu, stream, n_threads)
 
 
 def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray offset,
-                  double epsilon, bint relu, int n_threads):
+                  double epsilon, bint relu, bint stream, int n_threads):
     """Batch statistics, then out = normalized x; returns (mean, biased variance), float64.
 
     x and out: C-contiguous (N, C, M) of one dtype, N*C*M > 0 (out may be x); scale and
-    offset: C-contiguous float64 vectors of length C.
+    offset: C-contiguous float64 vectors of length C.  `stream`: as for normalize.
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
@@ -965,10 +1069,10 @@ def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray
     with nogil:
         if f32:
             _train(<float*>NULL, <const float*>xp, <float*>yp, &g, sp, op, epsilon, relu,
-                   n_threads, work, om, ov)
+                   stream, n_threads, work, om, ov)
         else:
             _train(<double*>NULL, <const double*>xp, <double*>yp, &g, sp, op, epsilon, relu,
-                   n_threads, work, om, ov)
+                   stream, n_threads, work, om, ov)
     free(work)
     return out_mean, out_var
 
@@ -1010,11 +1114,12 @@ def grad_reductions(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean, int n_threa
 
 
 def grad_input(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray a,
-               cnp.ndarray b, cnp.ndarray c, object weights, int n_threads):
+               cnp.ndarray b, cnp.ndarray c, object weights, bint stream, int n_threads):
     """out = a * dy + w * (b * (x - mean) + c) per channel (w: weights, or 1).
 
     x, dy, out: C-contiguous (N, C, M) of one dtype (out may be dy or x); mean, a, b, c:
     vectors of that dtype; weights: None or an (N, 1, M) array of that dtype.
+    `stream`: as for normalize.
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
@@ -1049,86 +1154,80 @@ def grad_input(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     cdef void* cp = cnp.PyArray_DATA(c)
     with nogil:
         if f32:
-            _grad_input(<const float*>xp, <const float*>gp, <float*>op, &g, <const float*>mp,
-                        <const float*>ap, <const float*>bp, <const float*>cp,
-                        <const float*>wt, ws_n, ws_m, n_threads)
+            _affine(<const float*>xp, <const float*>gp, <float*>op, &g, <const float*>mp,
+                    <const float*>bp, <const float*>cp, <const float*>ap, <const float*>wt,
+                    ws_n, ws_m, False, stream, n_threads)
         else:
-            _grad_input(<const double*>xp, <const double*>gp, <double*>op, &g,
-                        <const double*>mp, <const double*>ap, <const double*>bp,
-                        <const double*>cp, <const double*>wt, ws_n, ws_m, n_threads)
+            _affine(<const double*>xp, <const double*>gp, <double*>op, &g, <const double*>mp,
+                    <const double*>bp, <const double*>cp, <const double*>ap,
+                    <const double*>wt, ws_n, ws_m, False, stream, n_threads)
 
 
 cdef void _backward_channelwise(const floating* x, const floating* dy, floating* dx,
                                 Geometry* g, const double* mean, const double* variance,
                                 const double* scale, double epsilon, bint training,
                                 const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m,
-                                double total, int nt, double* sum_dy,
+                                double total, bint stream, int nt, double* sum_dy,
                                 double* sum_dy_xhat) noexcept nogil:
-    """_grad_sums then _grad_input, one channel at a time per thread."""
-    cdef Py_ssize_t c, blk, group, chunk, n0, n1, m0, length, n, j, M = g.M, C = g.C
+    """_grad_sums then the input gradient, one channel at a time per thread."""
+    cdef Py_ssize_t c, blk, group, chunk, n0, n1, m0, length, n, i, M = g.M, C = g.C
     cdef double s1, s2, t1, t2, inv, k
-    cdef floating centre, ac, bc, cc, mc
-    cdef const floating* xr
-    cdef const floating* gr
-    cdef floating* yr
-    for c in prange(C, schedule="static", num_threads=nt):
-        centre = <floating>mean[c]
-        t1 = 0.0
-        t2 = 0.0
-        for blk in range(g.blocks_per_channel):
-            group = blk // g.chunks_per_run
-            chunk = blk % g.chunks_per_run
-            n0 = group * g.runs_per_block
-            n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
-            m0 = chunk * g.chunk
-            length = M - m0 if M - m0 < g.chunk else g.chunk
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(n0, n1):
-                _grad_run_sums(x + (n * C + c) * M + m0, dy + (n * C + c) * M + m0, length,
-                               centre, &s1, &s2)
-            # _grad_sums' arithmetic, for this channel alone.
-            if blk == 0:
-                t1 = s1
-                t2 = s2 + (<double>centre - mean[c]) * s1
+    cdef floating centre, ac, bc, cc
+    with parallel(num_threads=nt):
+        for c in prange(C, schedule="static"):
+            centre = <floating>mean[c]
+            t1 = 0.0
+            t2 = 0.0
+            for blk in range(g.blocks_per_channel):
+                group = blk // g.chunks_per_run
+                chunk = blk % g.chunks_per_run
+                n0 = group * g.runs_per_block
+                n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
+                m0 = chunk * g.chunk
+                length = M - m0 if M - m0 < g.chunk else g.chunk
+                s1 = 0.0
+                s2 = 0.0
+                for n in range(n0, n1):
+                    _grad_run_sums(x + (n * C + c) * M + m0, dy + (n * C + c) * M + m0,
+                                   length, centre, &s1, &s2)
+                # _grad_sums' arithmetic, for this channel alone.
+                if blk == 0:
+                    t1 = s1
+                    t2 = s2 + (<double>centre - mean[c]) * s1
+                else:
+                    t1 = t1 + s1
+                    t2 = t2 + (s2 + (<double>centre - mean[c]) * s1)
+            inv = 1.0 / sqrt(variance[c] + epsilon)
+            sum_dy[c] = t1
+            sum_dy_xhat[c] = t2 * inv
+            k = scale[c] * inv
+            ac = <floating>k
+            if training and total != 0.0:
+                bc = <floating>(-k * inv * sum_dy_xhat[c] / total)
+                cc = <floating>(-k * t1 / total)
             else:
-                t1 = t1 + s1
-                t2 = t2 + (s2 + (<double>centre - mean[c]) * s1)
-        inv = 1.0 / sqrt(variance[c] + epsilon)
-        sum_dy[c] = t1
-        sum_dy_xhat[c] = t2 * inv
-        k = scale[c] * inv
-        mc = centre
-        ac = <floating>k
-        if training and total != 0.0:
-            bc = <floating>(-k * inv * sum_dy_xhat[c] / total)
-            cc = <floating>(-k * t1 / total)
-        else:
-            bc = 0
-            cc = 0
-        for n in range(g.N):
-            xr = x + (n * C + c) * M
-            gr = dy + (n * C + c) * M
-            yr = dx + (n * C + c) * M
-            if wt == NULL:
-                for j in range(M):
-                    yr[j] = ac * gr[j] + (bc * (xr[j] - mc) + cc)
-            else:
-                for j in range(M):
-                    yr[j] = ac * gr[j] + wt[n * ws_n + j * ws_m] * (bc * (xr[j] - mc) + cc)
+                bc = 0
+                cc = 0
+            for n in range(g.N):
+                i = (n * C + c) * M
+                _affine_run_out(x + i, dy + i, dx + i, M, centre, bc, cc, ac,
+                                _offset(wt, n * ws_n), ws_m, False, stream)
+        if stream:
+            fastbn_stream_fence()
 
 
 cdef void _backward(floating* tag, const floating* x, const floating* dy, floating* dx,
                     Geometry* g, const double* mean, const double* variance,
                     const double* scale, double epsilon, bint training, const floating* wt,
-                    Py_ssize_t ws_n, Py_ssize_t ws_m, double total, int n_threads,
-                    double* work, double* sum_dy, double* sum_dy_xhat) noexcept nogil:
+                    Py_ssize_t ws_n, Py_ssize_t ws_m, double total, bint stream,
+                    int n_threads, double* work, double* sum_dy,
+                    double* sum_dy_xhat) noexcept nogil:
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
     cdef double inv, k
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     if _channelwise(g, 2 * sizeof(floating), nt):
         _backward_channelwise(x, dy, dx, g, mean, variance, scale, epsilon, training, wt, ws_n,
-                              ws_m, total, nt, sum_dy, sum_dy_xhat)
+                              ws_m, total, stream, nt, sum_dy, sum_dy_xhat)
         return
     _grad_sums(x, dy, g, mean, n_threads, work, work + size, sum_dy, sum_dy_xhat)
     # Coefficients of dx = a * dy + w * (b * (x - mean) + c), in the data type, reusing
@@ -1149,17 +1248,17 @@ cdef void _backward(floating* tag, const floating* x, const floating* dy, floati
         else:
             bv[c] = 0
             cv[c] = 0
-    _grad_input(x, dy, dx, g, mv, av, bv, cv, wt, ws_n, ws_m, n_threads)
+    _affine(x, dy, dx, g, mv, bv, cv, av, wt, ws_n, ws_m, False, stream, n_threads)
 
 
 def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
              cnp.ndarray variance, cnp.ndarray scale, double epsilon, bint training,
-             object weights, int n_threads):
+             object weights, bint stream, int n_threads):
     """Fused input gradient: per-channel sums in one read of x and dy, then dx.
 
     x, dy, out: C-contiguous (N, C, M) of one dtype (out may be dy); mean, variance,
-    scale: float64 vectors; weights: None or (N, 1, M) of x's dtype.  Returns
-    (sum(dy), sum(dy * x_hat)) as float64 vectors.
+    scale: float64 vectors; weights: None or (N, 1, M) of x's dtype; `stream`: as for
+    normalize.  Returns (sum(dy), sum(dy * x_hat)) as float64 vectors.
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
@@ -1202,11 +1301,11 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     with nogil:
         if f32:
             _backward(<float*>NULL, <const float*>xp, <const float*>gp, <float*>op, &g, mp, vp,
-                      sp, epsilon, training, <const float*>wt, ws_n, ws_m, total, n_threads,
-                      work, s1, s2)
+                      sp, epsilon, training, <const float*>wt, ws_n, ws_m, total, stream,
+                      n_threads, work, s1, s2)
         else:
             _backward(<double*>NULL, <const double*>xp, <const double*>gp, <double*>op, &g, mp,
                       vp, sp, epsilon, training, <const double*>wt, ws_n, ws_m, total,
-                      n_threads, work, s1, s2)
+                      stream, n_threads, work, s1, s2)
     free(work)
     return sum_dy, sum_dy_xhat

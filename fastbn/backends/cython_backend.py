@@ -4,8 +4,13 @@ The kernels (fastbn/_cy/_kernels.pxi) are built twice; the AVX2/FMA build is
 used where the CPU has both (FASTBN_CPU_DISPATCH=baseline forces the other).
 Threads: FASTBN_NUM_THREADS if set, else the cores this process may use;
 never more than OpenMP's limit (OMP_NUM_THREADS, or threadpoolctl's).
+Outputs of at least FASTBN_STREAM_BYTES (default: half the last-level cache)
+are written with non-temporal stores: they cannot stay cached anyway, and
+writing around the cache saves the read of each line before it is written
+and keeps the input cached for the passes that read it again.
 """
 
+import glob
 import importlib
 import os
 
@@ -15,6 +20,9 @@ from .base import Backend, BackendUnavailable, position_weights, usable_cores
 
 NUM_THREADS_VAR = "FASTBN_NUM_THREADS"
 DISPATCH_VAR = "FASTBN_CPU_DISPATCH"
+STREAM_BYTES_VAR = "FASTBN_STREAM_BYTES"
+# Where the cache size cannot be read.
+DEFAULT_STREAM_BYTES = 16 << 20
 _F16 = np.dtype(np.float16)
 
 
@@ -27,6 +35,38 @@ def cpu_has_avx2():
             continue
         return bool(features.get("AVX2") and features.get("FMA3"))
     return False
+
+
+def last_level_cache_bytes():
+    """The largest CPU cache cpu0 shares (Linux sysfs), or None where unknown."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
+def stream_bytes():
+    """The output size from which the kernels write with non-temporal stores."""
+    requested = os.environ.get(STREAM_BYTES_VAR)
+    if requested:
+        try:
+            n = int(requested)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"{STREAM_BYTES_VAR} must be a non-negative integer, "
+                             f"got {requested!r}")
+        return n
+    cache = last_level_cache_bytes()
+    return cache // 2 if cache else DEFAULT_STREAM_BYTES
 
 
 def _load_kernels():
@@ -55,6 +95,7 @@ class CythonBackend(Backend):
         self.openmp = self._k.openmp_enabled()
         mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
         self.description = f"Cython fused kernels ({self.isa}, {mode})"
+        self.stream_bytes = stream_bytes()
 
     def threads(self, size=None):
         """Threads for a kernel call (on `size` elements: small ones run on one)."""
@@ -87,6 +128,9 @@ class CythonBackend(Backend):
             return out
         return np.empty(xk.shape, xk.dtype)
 
+    def _stream(self, y):
+        return y.nbytes >= self.stream_bytes
+
     @staticmethod
     def _finish(x, y, out):
         if out is not None and y is not out:
@@ -112,7 +156,8 @@ class CythonBackend(Backend):
         ct = xk.dtype
         y = self._output(x, xk, out)
         self._k.normalize(xk, y, np.ascontiguousarray(mean, ct), np.ascontiguousarray(multiplier, ct),
-                          np.ascontiguousarray(offset, ct), bool(relu), self.threads(xk.size))
+                          np.ascontiguousarray(offset, ct), bool(relu), self._stream(y),
+                          self.threads(xk.size))
         return self._finish(x, y, out)
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
@@ -122,7 +167,7 @@ class CythonBackend(Backend):
         y = self._output(x, xk, out)
         mean, var = self._k.train_forward(
             xk, y, np.ascontiguousarray(scale, np.float64), np.ascontiguousarray(offset, np.float64),
-            float(epsilon), bool(relu), self.threads(xk.size))
+            float(epsilon), bool(relu), self._stream(y), self.threads(xk.size))
         return self._finish(x, y, out), mean, var
 
 
@@ -139,7 +184,7 @@ class CythonBackend(Backend):
         y = self._output(dy, dk, out)
         w = position_weights(weights, dk)
         self._k.grad_input(xk, dk, y, *(np.ascontiguousarray(v, ct) for v in (mean, a, b, c)),
-                           w, self.threads(dk.size))
+                           w, self._stream(y), self.threads(dk.size))
         return self._finish(dy, y, out)
 
 
@@ -152,7 +197,7 @@ class CythonBackend(Backend):
         sum_dy, sum_dy_xhat = self._k.backward(
             xk, dk, y, np.ascontiguousarray(mean, np.float64),
             np.ascontiguousarray(variance, np.float64), np.ascontiguousarray(scale, np.float64),
-            float(epsilon), bool(training), w, self.threads(dk.size))
+            float(epsilon), bool(training), w, self._stream(y), self.threads(dk.size))
         return self._finish(dy, y, out), sum_dy, sum_dy_xhat
 
 
