@@ -165,7 +165,9 @@ def _ema(var, value, decay):
     """var -= (var - value) * (1 - decay), in the variable's dtype (in place: the
     variable owns its array)."""
     v = var._value
-    delta = v - value.astype(v.dtype, copy=False)
+    if value.dtype != v.dtype:
+        value = value.astype(v.dtype)
+    delta = v - value
     delta *= _ema_rate(decay, v.dtype)
     v -= delta
 
@@ -607,10 +609,10 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
                 # An is_training Variable that reads False now may read True when an
                 # update op runs: capture this batch's statistics for it.
                 mean, variance = _bessel_corrected_moments(x, axis)
-            updates = _Updates(graph, training, updates_collections, sc.name)
             update_mean = _mean_update(moving_mean, mean, decay, zero_debias, False)
             update_variance = _ema_fn(moving_variance, variance, decay)
-            _apply_or_collect(updates, training_now, update_mean, update_variance)
+            _apply_or_collect(graph, training, updates_collections, sc.name, training_now,
+                              update_mean, update_variance)
     return outputs, node
 
 
@@ -640,12 +642,15 @@ def _mean_update(moving_mean, mean, decay, zero_debias, model):
     return lambda: _ema_zero_debias(moving_mean, biased, local_step, mean, decay)
 
 
-def _apply_or_collect(updates, training_now, update_mean, update_variance):
-    if updates.collections is None:
+def _apply_or_collect(graph, training, collections, layer_name, training_now, update_mean,
+                      update_variance):
+    """Applies the two moving-average updates now (collections None), else collects them."""
+    if collections is None:
         if training_now:
             update_mean()
             update_variance()
         return
+    updates = _Updates(graph, training, collections, layer_name)
     updates.collect(updates.op("AssignMovingAvg", update_mean),
                     updates.op("AssignMovingAvg", update_variance))
 
@@ -845,10 +850,10 @@ def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
             else:
                 w = batch_weights.reshape((-1,) + (1,) * (x.ndim - 1))
                 batch_mean, batch_var = nn.weighted_moments(x, reduce_axes, w)
-            updates = _Updates(graph, training, updates_collections, sc.name)
             update_mean = _mean_update(moving_mean, batch_mean, decay, zero_debias, True)
             update_variance = _ema_fn(moving_variance, batch_var, decay)
-            _apply_or_collect(updates, training_now, update_mean, update_variance)
+            _apply_or_collect(graph, training, updates_collections, sc.name, training_now,
+                              update_mean, update_variance)
             if training_now:
                 mean, variance = batch_mean, batch_var
             else:

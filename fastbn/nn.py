@@ -13,6 +13,7 @@ for CuPy input, a tensor for a tensor; otherwise a Numba device array).
 Per-channel results (statistics, parameter gradients) are NumPy arrays.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -160,12 +161,7 @@ def channel_axis(data_format, ndim, argument="data_format"):
 def channel_view(x, axis):
     """`x` as an (N, C, M) array with the channel axis `axis` in the middle."""
     shape = x.shape
-    n = m = 1
-    for d in shape[:axis]:
-        n *= d
-    for d in shape[axis + 1:]:
-        m *= d
-    return x.reshape(n, shape[axis], m)
+    return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
 
 
 def check_out(out, x, argument="out"):

@@ -46,12 +46,13 @@ def test_cython_is_the_default_backend():
 def test_same_bits_for_any_thread_count(kernels, dtype, shape, stream):
     x = _data(shape, dtype)
     scale = np.linspace(0.5, 2, shape[1])
-    offset = np.linspace(-1, 1, shape[1])
+    offset = np.linspace(-1, 1, shape[1]).astype(dtype)
     dy = _data(shape, dtype, seed=1, loc=0.0)
     results = []
     for threads in (1, 2, 16):
         out = np.empty_like(x)
-        mean, var = kernels.train_forward(x, out, scale, offset, 1e-3, False, stream, threads)
+        mean, var = kernels.train_forward(x, out, scale.astype(dtype), offset, 1e-3, False, stream,
+                                          threads)
         wmean, wvar = kernels.moments(x, np.broadcast_to(
             np.linspace(0, 1, shape[0] * shape[2]).astype(dtype).reshape(shape[0], 1, shape[2]),
             shape), threads)
@@ -145,13 +146,13 @@ def test_streamed_outputs_match_plain_stores(kernels, dtype, shape):
     c = shape[1]
     vectors = [np.linspace(lo, hi, c).astype(dtype) for lo, hi in ((-1, 1), (0.5, 2), (-2, 3),
                                                                    (1, 1.5))]
-    scale, offset = np.linspace(0.5, 2, c), np.linspace(-1, 1, c)
+    scale, offset = np.linspace(0.5, 2, c), np.linspace(-1, 1, c).astype(dtype)
     weights = np.linspace(0, 2, shape[0] * shape[2]).astype(dtype).reshape(shape[0], 1, shape[2])
     mean, var = kernels.moments(x, None, 1)
 
     def run(stream, out):
         kernels.normalize(x, out[0], *vectors[:3], True, stream, 2)
-        kernels.train_forward(x, out[1], scale, offset, 1e-3, False, stream, 2)
+        kernels.train_forward(x, out[1], scale.astype(dtype), offset, 1e-3, False, stream, 2)
         kernels.grad_input(x, dy, out[2], *vectors, weights, stream, 2)
         sums = kernels.backward(x, dy, out[3], mean, var, scale, 1e-3, True, None, stream, 2)
         return [o.copy() for o in out] + list(sums)

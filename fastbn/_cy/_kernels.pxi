@@ -533,51 +533,65 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
     free(tot)
 
 
+cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
+                             Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, double* count,
+                             double* mean, double* m2, floating* f1, double* scratch,
+                             Py_ssize_t b) noexcept nogil:
+    """Statistics of block b: a row tile x channel tile (rows layout, with a thread's
+    scratch: 3 * CHANNEL_TILE of each type), or a channel's block (runs layout)."""
+    cdef Py_ssize_t C = g.C, rt, c0, w, r0, r1, c, blk, j
+    if g.M == 1:
+        rt = b // g.n_channel_tiles
+        c0 = (b % g.n_channel_tiles) * g.channel_tile
+        w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
+        r0 = rt * g.row_tile
+        r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
+        if wt == NULL:
+            _rows_block(x, C, r0, r1, c0, w, f1, f1 + CHANNEL_TILE, scratch,
+                        scratch + CHANNEL_TILE, mean + rt * C + c0, m2 + rt * C + c0)
+            for j in range(w):
+                count[rt * C + c0 + j] = <double>(r1 - r0)
+        else:
+            _rows_block_weighted(x, C, r0, r1, c0, w, wt, ws_n, ws_c, scratch,
+                                 scratch + CHANNEL_TILE, scratch + 2 * CHANNEL_TILE,
+                                 count + rt * C + c0, mean + rt * C + c0, m2 + rt * C + c0)
+    else:
+        c = b // g.blocks_per_channel
+        blk = b % g.blocks_per_channel
+        if wt == NULL:
+            _runs_block(x, g, c, blk, count + blk * C + c, mean + blk * C + c, m2 + blk * C + c)
+        else:
+            _runs_block_weighted(x, g, c, blk, wt, ws_n, ws_c, ws_m, count + blk * C + c,
+                                 mean + blk * C + c, m2 + blk * C + c)
+
+
 cdef void _stats(const floating* x, Geometry* g, const floating* wt,
                  Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, int n_threads,
                  double* count, double* mean, double* m2,
                  double* out_mean, double* out_var) noexcept nogil:
-    cdef Py_ssize_t C = g.C, nblocks, b, rt, ct, c0, w, r0, r1, c, blk, j
+    cdef Py_ssize_t nblocks, b
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     cdef floating* f1 = NULL
-    cdef floating* f2 = NULL
     cdef double* scratch = NULL
     if g.M == 1:
         nblocks = g.n_row_tiles * g.n_channel_tiles
+    else:
+        nblocks = g.C * g.blocks_per_channel
+    if nt == 1:
+        f1 = <floating*>malloc(3 * CHANNEL_TILE * sizeof(floating))
+        scratch = <double*>malloc(3 * CHANNEL_TILE * sizeof(double))
+        for b in range(nblocks):
+            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, f1, scratch, b)
+        free(f1)
+        free(scratch)
+    else:
         with parallel(num_threads=nt):
             f1 = <floating*>malloc(3 * CHANNEL_TILE * sizeof(floating))
-            f2 = f1 + CHANNEL_TILE
             scratch = <double*>malloc(3 * CHANNEL_TILE * sizeof(double))
             for b in prange(nblocks, schedule="static"):
-                rt = b // g.n_channel_tiles
-                ct = b % g.n_channel_tiles
-                c0 = ct * g.channel_tile
-                w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
-                r0 = rt * g.row_tile
-                r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
-                if wt == NULL:
-                    _rows_block(x, C, r0, r1, c0, w, f1, f2, scratch, scratch + CHANNEL_TILE,
-                                mean + rt * C + c0, m2 + rt * C + c0)
-                    for j in range(w):
-                        count[rt * C + c0 + j] = <double>(r1 - r0)
-                else:
-                    _rows_block_weighted(x, C, r0, r1, c0, w, wt, ws_n, ws_c, scratch,
-                                         scratch + CHANNEL_TILE, scratch + 2 * CHANNEL_TILE,
-                                         count + rt * C + c0, mean + rt * C + c0,
-                                         m2 + rt * C + c0)
+                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, f1, scratch, b)
             free(f1)
             free(scratch)
-    else:
-        nblocks = C * g.blocks_per_channel
-        for b in prange(nblocks, schedule="static", num_threads=nt):
-            c = b // g.blocks_per_channel
-            blk = b % g.blocks_per_channel
-            if wt == NULL:
-                _runs_block(x, g, c, blk, count + blk * C + c, mean + blk * C + c,
-                            m2 + blk * C + c)
-            else:
-                _runs_block_weighted(x, g, c, blk, wt, ws_n, ws_c, ws_m, count + blk * C + c,
-                                     mean + blk * C + c, m2 + blk * C + c)
     _merge(g, count, mean, m2, out_mean, out_var, wt != NULL)
 
 
@@ -696,48 +710,63 @@ cdef inline void _affine_run_out(const floating* xr, const floating* gr, floatin
                 relu)
 
 
+cdef inline void _affine_item(const floating* x, const floating* dy, floating* y, Geometry* g,
+                              const floating* m, const floating* k, const floating* b,
+                              const floating* a, const floating* wt, Py_ssize_t ws_n,
+                              Py_ssize_t ws_m, bint relu, bint stream,
+                              Py_ssize_t item) noexcept nogil:
+    """One work item of _affine: a tile of NORM_ROWS wide rows, a row, or a run."""
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_tiles, r0, r1, c0, w, r, c
+    if M == 1 and C > NORM_TILE:
+        n_tiles = (C + NORM_TILE - 1) // NORM_TILE
+        r0 = (item // n_tiles) * NORM_ROWS
+        r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
+        c0 = (item % n_tiles) * NORM_TILE
+        w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
+        for r in range(r0, r1):
+            _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, w,
+                            m + c0, k + c0, b + c0, _offset(a, c0),
+                            1 if wt == NULL else wt[r * ws_n], relu, stream)
+    elif M == 1:
+        _affine_row_out(x + item * C, _offset(dy, item * C), y + item * C, C, m, k, b, a,
+                        1 if wt == NULL else wt[item * ws_n], relu, stream)
+    else:
+        c = item % C
+        _affine_run_out(x + item * M, _offset(dy, item * M), y + item * M, M,
+                        m[c], k[c], b[c], 0 if a == NULL else a[c],
+                        _offset(wt, (item // C) * ws_n), ws_m, relu, stream)
+
+
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
                   const floating* m, const floating* k, const floating* b, const floating* a,
                   const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m, bint relu,
                   bint stream, int n_threads) noexcept nogil:
     """The elementwise pass over a whole (N, C, M) array; see above for the formulas.
-    `stream`: write y with non-temporal stores."""
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N
-    cdef Py_ssize_t n_tiles, n_blocks, blk, r0, r1, c0, w, r, i, c
+    `stream`: write y with non-temporal stores.
+
+    Wide rows go in tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
+    parameters stay in L1 across its rows; other rows one at a time; runs one at a time.
+    """
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item
     cdef int nt = _threads(N * C * M, n_threads)
     if M == 1 and C > NORM_TILE:
-        # Wide rows: tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
-        # parameters stay in L1 across its rows.
-        n_tiles = (C + NORM_TILE - 1) // NORM_TILE
-        n_blocks = ((N + NORM_ROWS - 1) // NORM_ROWS) * n_tiles
-        with parallel(num_threads=nt):
-            for blk in prange(n_blocks, schedule="static"):
-                r0 = (blk // n_tiles) * NORM_ROWS
-                r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
-                c0 = (blk % n_tiles) * NORM_TILE
-                w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
-                for r in range(r0, r1):
-                    _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, w,
-                                    m + c0, k + c0, b + c0, _offset(a, c0),
-                                    1 if wt == NULL else wt[r * ws_n], relu, stream)
-            if stream:
-                fastbn_stream_fence()
+        n_items = ((N + NORM_ROWS - 1) // NORM_ROWS) * ((C + NORM_TILE - 1) // NORM_TILE)
     elif M == 1:
-        with parallel(num_threads=nt):
-            for r in prange(N, schedule="static"):
-                _affine_row_out(x + r * C, _offset(dy, r * C), y + r * C, C, m, k, b, a,
-                                1 if wt == NULL else wt[r * ws_n], relu, stream)
-            if stream:
-                fastbn_stream_fence()
+        n_items = N
     else:
-        with parallel(num_threads=nt):
-            for i in prange(N * C, schedule="static"):
-                c = i % C
-                _affine_run_out(x + i * M, _offset(dy, i * M), y + i * M, M,
-                                m[c], k[c], b[c], 0 if a == NULL else a[c],
-                                _offset(wt, (i // C) * ws_n), ws_m, relu, stream)
-            if stream:
-                fastbn_stream_fence()
+        n_items = N * C
+    if nt == 1:
+        # An OpenMP region costs about a microsecond even on one thread: small calls skip it.
+        for item in range(n_items):
+            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, item)
+        if stream:
+            fastbn_stream_fence()
+        return
+    with parallel(num_threads=nt):
+        for item in prange(n_items, schedule="static"):
+            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, item)
+        if stream:
+            fastbn_stream_fence()
 
 
 # ---------------------------------------------------------------------------
@@ -978,8 +1007,8 @@ cdef inline bint _channelwise(Geometry* g, Py_ssize_t bytes_per_element,
             and (nt <= 1 or g.C >= 2 * nt))
 
 
-cdef void _train_channelwise(const floating* x, floating* y, Geometry* g, const double* scale,
-                             const double* offset, double epsilon, bint relu, bint stream,
+cdef void _train_channelwise(const floating* x, floating* y, Geometry* g,
+                             const floating* scale, const floating* offset, double epsilon, bint relu, bint stream,
                              int nt, double* om, double* ov) noexcept nogil:
     """Statistics then normalisation, one channel at a time per thread."""
     cdef Py_ssize_t c, blk, r, i
@@ -1004,7 +1033,7 @@ cdef void _train_channelwise(const floating* x, floating* y, Geometry* g, const 
                     tot = n
             ov[c] = ov[c] / tot
             mc = <floating>om[c]
-            kc = <floating>(scale[c] / sqrt(ov[c] + epsilon))
+            kc = <floating>(<double>scale[c] / sqrt(ov[c] + epsilon))
             bc = <floating>offset[c]
             for r in range(g.N):
                 i = (r * g.C + c) * g.M
@@ -1015,7 +1044,7 @@ cdef void _train_channelwise(const floating* x, floating* y, Geometry* g, const 
 
 
 cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
-                 const double* scale, const double* offset, double epsilon, bint relu,
+                 const floating* scale, const floating* offset, double epsilon, bint relu,
                  bint stream, int n_threads, double* work, double* om,
                  double* ov) noexcept nogil:
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
@@ -1031,7 +1060,7 @@ cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
     cdef floating* bv = kv + C
     for c in range(C):
         mv[c] = <floating>om[c]
-        kv[c] = <floating>(scale[c] / sqrt(ov[c] + epsilon))
+        kv[c] = <floating>(<double>scale[c] / sqrt(ov[c] + epsilon))
         bv[c] = <floating>offset[c]
     _affine(x, <const floating*>NULL, y, g, mv, kv, bv, <const floating*>NULL,
             <const floating*>NULL, 0, 0, relu, stream, n_threads)
@@ -1042,14 +1071,14 @@ def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray
     """Batch statistics, then out = normalized x; returns (mean, biased variance), float64.
 
     x and out: C-contiguous (N, C, M) of one dtype, N*C*M > 0 (out may be x); scale and
-    offset: C-contiguous float64 vectors of length C.  `stream`: as for normalize.
+    offset: C-contiguous vectors of length C in that dtype.  `stream`: as for normalize.
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
     _require(x, t, "x")
     _require(out, t, "out")
-    _require(scale, cnp.NPY_FLOAT64, "scale")
-    _require(offset, cnp.NPY_FLOAT64, "offset")
+    _require(scale, t, "scale")
+    _require(offset, t, "offset")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or scale.shape[0] != C \
             or offset.shape[0] != C:
@@ -1061,17 +1090,19 @@ def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray
     cdef cnp.ndarray out_var = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
     cdef void* xp = cnp.PyArray_DATA(x)
     cdef void* yp = cnp.PyArray_DATA(out)
-    cdef const double* sp = <const double*>cnp.PyArray_DATA(scale)
-    cdef const double* op = <const double*>cnp.PyArray_DATA(offset)
+    cdef void* sp = cnp.PyArray_DATA(scale)
+    cdef void* op = cnp.PyArray_DATA(offset)
     cdef double* om = <double*>cnp.PyArray_DATA(out_mean)
     cdef double* ov = <double*>cnp.PyArray_DATA(out_var)
     cdef double* work = _workspace(&g)
     with nogil:
         if f32:
-            _train(<float*>NULL, <const float*>xp, <float*>yp, &g, sp, op, epsilon, relu,
+            _train(<float*>NULL, <const float*>xp, <float*>yp, &g, <const float*>sp,
+                   <const float*>op, epsilon, relu,
                    stream, n_threads, work, om, ov)
         else:
-            _train(<double*>NULL, <const double*>xp, <double*>yp, &g, sp, op, epsilon, relu,
+            _train(<double*>NULL, <const double*>xp, <double*>yp, &g, <const double*>sp,
+                   <const double*>op, epsilon, relu,
                    stream, n_threads, work, om, ov)
     free(work)
     return out_mean, out_var

@@ -16,13 +16,12 @@ attribute (an int, higher first) for `auto`; plugins default to -1, so
 
 import contextvars
 import importlib
-import os
 import threading
 
 import numpy as np
 
-from .base import (Backend, BackendUnavailable, compute_dtype, per_channel_multiplier,
-                   usable_cores)
+from .base import (Backend, BackendUnavailable, compute_dtype, environ_get,
+                   per_channel_multiplier, usable_cores)
 
 __all__ = [
     "Backend",
@@ -220,7 +219,7 @@ def _resolve(name):
 def get(name=None):
     """The backend object for `name` (default: `use()` block, `FASTBN_BACKEND`, else auto)."""
     if name is None:
-        name = _override.get() or os.environ.get(ENV_VAR) or AUTO
+        name = _override.get() or environ_get(ENV_VAR) or AUTO
     if name == AUTO:
         backend = _auto_cache.get(AUTO)
         if backend is not None:
@@ -247,7 +246,7 @@ def get_for(array, name=None):
     backend = get(name)
     if backend.accepts_device_arrays or type(array) is np.ndarray or not is_device_array(array):
         return backend
-    selected = name or _override.get() or os.environ.get(ENV_VAR) or AUTO
+    selected = name or _override.get() or environ_get(ENV_VAR) or AUTO
     if selected == AUTO:
         return get("numba_cuda")
     raise TypeError(

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable, position_weights, usable_cores
+from .base import Backend, BackendUnavailable, environ_get, position_weights, usable_cores
 
 NUM_THREADS_VAR = "FASTBN_NUM_THREADS"
 DISPATCH_VAR = "FASTBN_CPU_DISPATCH"
@@ -101,7 +101,7 @@ class CythonBackend(Backend):
         """Threads for a kernel call (on `size` elements: small ones run on one)."""
         if not self.openmp or (size is not None and size < self._k.serial_below):
             return 1
-        requested = os.environ.get(NUM_THREADS_VAR)
+        requested = environ_get(NUM_THREADS_VAR)
         if requested:
             try:
                 n = int(requested)
@@ -166,7 +166,7 @@ class CythonBackend(Backend):
         xk = self._input(x)
         y = self._output(x, xk, out)
         mean, var = self._k.train_forward(
-            xk, y, np.ascontiguousarray(scale, np.float64), np.ascontiguousarray(offset, np.float64),
+            xk, y, np.ascontiguousarray(scale, xk.dtype), np.ascontiguousarray(offset, xk.dtype),
             float(epsilon), bool(relu), self._stream(y), self.threads(xk.size))
         return self._finish(x, y, out), mean, var
 
