@@ -1017,6 +1017,11 @@ cdef void _train_channelwise(const floating* x, floating* y, Geometry* g,
     with parallel(num_threads=nt):
         for c in prange(g.C, schedule="static"):
             tot = 0.0
+            # Assigned here, not only through pointers, so that Cython makes them private
+            # to each thread (left shared, threads overwrite each other's block results).
+            count = 0.0
+            mean = 0.0
+            m2 = 0.0
             for blk in range(g.blocks_per_channel):
                 _runs_block(x, g, c, blk, &count, &mean, &m2)
                 # _merge's arithmetic, for this channel alone.
