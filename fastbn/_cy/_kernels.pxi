@@ -190,16 +190,18 @@ cdef bint _shifted_moments(double n, double shift, double s1, double s2, double*
 
 
 cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
-                      Py_ssize_t c0, Py_ssize_t w, floating* f1, floating* f2,
-                      double* d1, double* d2, double* mean, double* m2) noexcept nogil:
-    """Mean and M2 of rows r0..r1, channels c0..c0+w, into mean[c], m2[c]."""
+                      Py_ssize_t c0, Py_ssize_t w, double* d1, double* d2, double* mean,
+                      double* m2) noexcept nogil:
+    """Mean and M2 of rows r0..r1, channels c0..c0+w (w <= CHANNEL_TILE), into mean[c],
+    m2[c].  The inner sums live in local arrays, which the compiler knows alias nothing:
+    through pointers it may not vectorise the loop at all."""
     cdef Py_ssize_t r, j, r_end
     cdef const floating* row
     cdef const floating* first = x + r0 * C + c0
     cdef double n = <double>(r1 - r0)
     cdef floating v
-    cdef floating* s1 = f1
-    cdef floating* s2 = f2
+    cdef floating s1[CHANNEL_TILE]
+    cdef floating s2[CHANNEL_TILE]
     for j in range(w):
         d1[j] = 0.0
         d2[j] = 0.0
@@ -247,19 +249,21 @@ cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t
         m2[j] = max(d2[j] - d1[j] * m, 0.0)
         bad += m * m > ILL_CONDITIONED * var
     if bad:
-        _rows_block_two_pass(x, C, r0, r1, c0, w, f1, f2, d1, d2, mean, m2)
+        _rows_block_two_pass(x, C, r0, r1, c0, w, d1, d2, mean, m2)
 
 
 cdef void _rows_block_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
-                               Py_ssize_t c0, Py_ssize_t w, floating* f1, floating* f2,
-                               double* d1, double* d2, double* mean,
-                               double* m2) noexcept nogil:
+                               Py_ssize_t c0, Py_ssize_t w, double* d1, double* d2,
+                               double* mean, double* m2) noexcept nogil:
     """`_rows_block` centred on the block's mean: exact whatever the data's offset."""
     cdef Py_ssize_t r, j, r_end
     cdef const floating* row
     cdef const floating* first = x + r0 * C + c0
     cdef double n = <double>(r1 - r0)
     cdef floating v
+    cdef floating f1[CHANNEL_TILE]
+    cdef floating s1[CHANNEL_TILE]
+    cdef floating s2[CHANNEL_TILE]
     # Pass 1: sum of x - (first row), for a centre.
     for j in range(w):
         d1[j] = 0.0
@@ -282,8 +286,6 @@ cdef void _rows_block_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t r0, P
         # The centre as the data type sees it: f1 holds it during pass 2.
         f1[j] = <floating>mean[j]
     # Pass 2: sum(d) and sum(d*d) with d = x - centre; M2 = sum(d*d) - sum(d)^2 / n.
-    cdef floating* s1 = f2
-    cdef floating* s2 = f2 + w
     r = r0
     while r < r1:
         r_end = r + FLUSH if r + FLUSH < r1 else r1
@@ -535,10 +537,10 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
 
 cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
                              Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, double* count,
-                             double* mean, double* m2, floating* f1, double* scratch,
+                             double* mean, double* m2, double* scratch,
                              Py_ssize_t b) noexcept nogil:
     """Statistics of block b: a row tile x channel tile (rows layout, with a thread's
-    scratch: 3 * CHANNEL_TILE of each type), or a channel's block (runs layout)."""
+    scratch of 3 * CHANNEL_TILE doubles), or a channel's block (runs layout)."""
     cdef Py_ssize_t C = g.C, rt, c0, w, r0, r1, c, blk, j
     if g.M == 1:
         rt = b // g.n_channel_tiles
@@ -547,8 +549,8 @@ cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
         r0 = rt * g.row_tile
         r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
         if wt == NULL:
-            _rows_block(x, C, r0, r1, c0, w, f1, f1 + CHANNEL_TILE, scratch,
-                        scratch + CHANNEL_TILE, mean + rt * C + c0, m2 + rt * C + c0)
+            _rows_block(x, C, r0, r1, c0, w, scratch, scratch + CHANNEL_TILE, mean + rt * C + c0,
+                        m2 + rt * C + c0)
             for j in range(w):
                 count[rt * C + c0 + j] = <double>(r1 - r0)
         else:
@@ -571,26 +573,21 @@ cdef void _stats(const floating* x, Geometry* g, const floating* wt,
                  double* out_mean, double* out_var) noexcept nogil:
     cdef Py_ssize_t nblocks, b
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    cdef floating* f1 = NULL
     cdef double* scratch = NULL
     if g.M == 1:
         nblocks = g.n_row_tiles * g.n_channel_tiles
     else:
         nblocks = g.C * g.blocks_per_channel
     if nt == 1:
-        f1 = <floating*>malloc(3 * CHANNEL_TILE * sizeof(floating))
         scratch = <double*>malloc(3 * CHANNEL_TILE * sizeof(double))
         for b in range(nblocks):
-            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, f1, scratch, b)
-        free(f1)
+            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, scratch, b)
         free(scratch)
     else:
         with parallel(num_threads=nt):
-            f1 = <floating*>malloc(3 * CHANNEL_TILE * sizeof(floating))
             scratch = <double*>malloc(3 * CHANNEL_TILE * sizeof(double))
             for b in prange(nblocks, schedule="static"):
-                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, f1, scratch, b)
-            free(f1)
+                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, scratch, b)
             free(scratch)
     _merge(g, count, mean, m2, out_mean, out_var, wt != NULL)
 
@@ -774,13 +771,16 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
 
 cdef void _grad_rows_block(const floating* x, const floating* dy, Py_ssize_t C,
                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
-                           const double* mean, floating* cen, floating* s1, floating* s2,
-                           double* d1, double* d2) noexcept nogil:
-    """Adds sum(dy) and sum(dy * (x - mean)) of a rows block into d1[j], d2[j]."""
+                           const double* mean, double* d1, double* d2) noexcept nogil:
+    """Adds sum(dy) and sum(dy * (x - mean)) of a rows block (w <= CHANNEL_TILE) into
+    d1[j], d2[j]; local inner sums, as in _rows_block."""
     cdef Py_ssize_t r, j, r_end
     cdef const floating* xr
     cdef const floating* gr
     cdef floating v, v1
+    cdef floating cen[CHANNEL_TILE]
+    cdef floating s1[CHANNEL_TILE]
+    cdef floating s2[CHANNEL_TILE]
     for j in range(w):
         cen[j] = <floating>mean[c0 + j]
         d1[j] = 0.0
@@ -844,50 +844,56 @@ cdef void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_t lengt
         i += 1
 
 
+cdef inline void _grad_sums_item(const floating* x, const floating* dy, Geometry* g,
+                                 const double* mean, double* part1, double* part2,
+                                 Py_ssize_t b) noexcept nogil:
+    """The gradient sums of block b (the blocks of _stats), into part1/part2."""
+    cdef Py_ssize_t C = g.C, rt, c0, w, r0, r1, c, blk, group, chunk, n0, n1, m0, length, n
+    cdef double s1, s2
+    cdef floating centre
+    if g.M == 1:
+        rt = b // g.n_channel_tiles
+        c0 = (b % g.n_channel_tiles) * g.channel_tile
+        w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
+        r0 = rt * g.row_tile
+        r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
+        _grad_rows_block(x, dy, C, r0, r1, c0, w, mean, part1 + rt * C + c0,
+                         part2 + rt * C + c0)
+        return
+    c = b // g.blocks_per_channel
+    blk = b % g.blocks_per_channel
+    group = blk // g.chunks_per_run
+    chunk = blk % g.chunks_per_run
+    n0 = group * g.runs_per_block
+    n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
+    m0 = chunk * g.chunk
+    length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
+    centre = <floating>mean[c]
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(n0, n1):
+        _grad_run_sums(x + (n * C + c) * g.M + m0, dy + (n * C + c) * g.M + m0, length,
+                       centre, &s1, &s2)
+    part1[blk * C + c] = s1
+    part2[blk * C + c] = s2 + (<double>centre - mean[c]) * s1
+
+
 cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const double* mean,
                      int n_threads, double* part1, double* part2, double* out1,
                      double* out2) noexcept nogil:
     """Per-channel sum(dy) and sum(dy * (x - mean)): block partials, summed in block order."""
-    cdef Py_ssize_t C = g.C, nblocks, b, rt, ct, c0, w, r0, r1, c, blk, j, group, chunk
-    cdef Py_ssize_t n0, n1, m0, length, n
+    cdef Py_ssize_t C = g.C, nblocks, b, c
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    cdef floating* buf = NULL
-    cdef double s1, s2
-    cdef floating centre
     if g.M == 1:
         nblocks = g.n_row_tiles * g.n_channel_tiles
-        with parallel(num_threads=nt):
-            buf = <floating*>malloc(3 * CHANNEL_TILE * sizeof(floating))
-            for b in prange(nblocks, schedule="static"):
-                rt = b // g.n_channel_tiles
-                ct = b % g.n_channel_tiles
-                c0 = ct * g.channel_tile
-                w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
-                r0 = rt * g.row_tile
-                r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
-                _grad_rows_block(x, dy, C, r0, r1, c0, w, mean, buf, buf + CHANNEL_TILE,
-                                 buf + 2 * CHANNEL_TILE, part1 + rt * C + c0,
-                                 part2 + rt * C + c0)
-            free(buf)
     else:
         nblocks = C * g.blocks_per_channel
+    if nt == 1:
+        for b in range(nblocks):
+            _grad_sums_item(x, dy, g, mean, part1, part2, b)
+    else:
         for b in prange(nblocks, schedule="static", num_threads=nt):
-            c = b // g.blocks_per_channel
-            blk = b % g.blocks_per_channel
-            group = blk // g.chunks_per_run
-            chunk = blk % g.chunks_per_run
-            n0 = group * g.runs_per_block
-            n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
-            m0 = chunk * g.chunk
-            length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
-            centre = <floating>mean[c]
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(n0, n1):
-                _grad_run_sums(x + (n * C + c) * g.M + m0, dy + (n * C + c) * g.M + m0, length,
-                               centre, &s1, &s2)
-            part1[blk * C + c] = s1
-            part2[blk * C + c] = s2 + (<double>centre - mean[c]) * s1
+            _grad_sums_item(x, dy, g, mean, part1, part2, b)
     for c in range(C):
         out1[c] = part1[c]
         out2[c] = part2[c]
