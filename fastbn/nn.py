@@ -38,6 +38,7 @@ __all__ = [
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 # TF1's nn.fused_batch_norm raised epsilon to this (cuDNN's minimum, plus a margin).
 FUSED_MIN_EPSILON = 1.001e-5
+_F64 = np.dtype(np.float64)
 _CHANNELS_LAST = ("NHWC", "NDHWC", "NWC")
 _CHANNELS_FIRST = ("NCHW", "NCDHW", "NCW")
 
@@ -586,8 +587,13 @@ def batch_norm_backward(x, dy, axis, mean, variance, epsilon, scale, training, w
     `(dx, sum_dy, sum_dy_xhat)`: dx in dy's dtype, and the float64 per-channel
     sums the parameter gradients are made of.
     """
+    channels = x.shape[axis]
+
     def vector(v):
-        return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), (x.shape[axis],)))
+        if (type(v) is np.ndarray and v.dtype == _F64 and v.shape == (channels,)
+                and v.flags.c_contiguous):
+            return v
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), (channels,)))
 
     dx3, sum_dy, sum_dy_xhat = backends.get_for(x).backward(
         channel_view(x, axis), channel_view(dy, axis), vector(mean), vector(variance),

@@ -167,6 +167,24 @@ def test_streamed_outputs_match_plain_stores(kernels, dtype, shape):
                                        atol=4 * np.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_fused_inference_matches_the_protocol_composition(dtype, with_scale):
+    """The fused inference kernel computes the multiplier as per_channel_multiplier does."""
+    backend = fastbn.backends.get("cython")
+    x = _data((300, 7, 11), dtype)
+    rng = np.random.default_rng(2)
+    ct = np.float64 if dtype == np.float64 else np.float32
+    mean, offset = (rng.standard_normal(7).astype(ct) for _ in range(2))
+    variance = (rng.random(7) + 0.1).astype(ct)
+    scale = (rng.random(7) + 0.5).astype(ct) if with_scale else None
+    fused = backend.infer_forward(x, mean, variance, scale, offset, 1e-3, relu=True)
+    composed = fastbn.backends.base.Backend.infer_forward(backend, x, mean, variance, scale,
+                                                          offset, 1e-3, relu=True)
+    assert fused.dtype == x.dtype
+    np.testing.assert_array_equal(_bits(fused.astype(ct)), _bits(composed.astype(ct)))
+
+
 def test_large_outputs_are_streamed_through_the_backend(monkeypatch):
     backend = fastbn.backends.get("cython")
     x = _data((40, 6, 33), np.float32)

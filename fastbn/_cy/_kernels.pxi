@@ -1077,6 +1077,70 @@ cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
             <const floating*>NULL, 0, 0, relu, stream, n_threads)
 
 
+cdef void _infer(const floating* x, floating* y, Geometry* g, const floating* mean,
+                 const double* variance, const double* scale, const floating* offset,
+                 double epsilon, bint relu, bint stream, int n_threads,
+                 floating* kv) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef double inv
+    # per_channel_multiplier's arithmetic (fastbn/backends/base.py), in float64.
+    for c in range(g.C):
+        inv = 1.0 / sqrt(variance[c] + epsilon)
+        if scale != NULL:
+            inv = inv * scale[c]
+        kv[c] = <floating>inv
+    _affine(x, <const floating*>NULL, y, g, mean, kv, offset, <const floating*>NULL,
+            <const floating*>NULL, 0, 0, relu, stream, n_threads)
+
+
+def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray variance,
+                  object scale, cnp.ndarray offset, double epsilon, bint relu, bint stream,
+                  int n_threads):
+    """out = (x - mean) * scale / sqrt(variance + epsilon) + offset per channel (then
+    max(out, 0) if relu): inference with given statistics; out may be x.
+
+    x and out: C-contiguous (N, C, M) of one dtype; mean and offset: vectors of that
+    dtype; variance and scale (or None for 1): float64 vectors.  `stream`: as for
+    normalize.
+    """
+    cdef bint f32 = _is_float32(x)
+    cdef int t = cnp.PyArray_TYPE(x)
+    for arr, what in ((x, "x"), (out, "out"), (mean, "mean"), (offset, "offset")):
+        _require(arr, t, what)
+    _require(variance, cnp.NPY_FLOAT64, "variance")
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
+    cdef const double* sp = NULL
+    cdef cnp.ndarray sarr
+    if scale is not None:
+        sarr = scale
+        _require(sarr, cnp.NPY_FLOAT64, "scale")
+        if sarr.shape[0] != C:
+            raise ValueError("infer_forward: shapes do not match")
+        sp = <const double*>cnp.PyArray_DATA(sarr)
+    if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
+            or variance.shape[0] != C or offset.shape[0] != C:
+        raise ValueError("infer_forward: shapes do not match")
+    if N * C * M == 0:
+        return
+    cdef Geometry g = _geometry(N, C, M)
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* yp = cnp.PyArray_DATA(out)
+    cdef void* mp = cnp.PyArray_DATA(mean)
+    cdef const double* vp = <const double*>cnp.PyArray_DATA(variance)
+    cdef void* op = cnp.PyArray_DATA(offset)
+    cdef void* kv = malloc(C * sizeof(double) + 8)
+    if kv == NULL:
+        raise MemoryError()
+    with nogil:
+        if f32:
+            _infer(<const float*>xp, <float*>yp, &g, <const float*>mp, vp, sp,
+                   <const float*>op, epsilon, relu, stream, n_threads, <float*>kv)
+        else:
+            _infer(<const double*>xp, <double*>yp, &g, <const double*>mp, vp, sp,
+                   <const double*>op, epsilon, relu, stream, n_threads, <double*>kv)
+    free(kv)
+
+
 def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray offset,
                   double epsilon, bint relu, bint stream, int n_threads):
     """Batch statistics, then out = normalized x; returns (mean, biased variance), float64.

@@ -160,6 +160,17 @@ class CythonBackend(Backend):
                           self.threads(xk.size))
         return self._finish(x, y, out)
 
+    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
+        xk = self._input(x)
+        ct = xk.dtype
+        y = self._output(x, xk, out)
+        self._k.infer_forward(
+            xk, y, np.ascontiguousarray(mean, ct), np.ascontiguousarray(variance, np.float64),
+            None if scale is None else np.ascontiguousarray(scale, np.float64),
+            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y),
+            self.threads(xk.size))
+        return self._finish(x, y, out)
+
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         if weights is not None:
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
