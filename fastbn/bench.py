@@ -16,6 +16,7 @@ torch's F.batch_norm in training mode: what a call costs end to end).
 Outputs go to preallocated buffers (`out=`) where the side allows it.
 """
 
+import contextlib
 import json
 import sys
 import time
@@ -55,22 +56,19 @@ def _fastbn_side(backend, x, fmt):
     axes = tuple(a for a in range(x.ndim) if a != (1 if fmt == "NCHW" else x.ndim - 1))
     batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
 
+    # (run() times these inside fastbn.backends.use(backend), as a user would pick one.)
     def train():
-        with fastbn.backends.use(backend):
-            nn.fused_batch_norm(x, scale, offset, data_format=fmt, out=out)
+        nn.fused_batch_norm(x, scale, offset, data_format=fmt, out=out)
 
     def infer():
-        with fastbn.backends.use(backend):
-            nn.fused_batch_norm(x, scale, offset, mean, var, data_format=fmt, is_training=False,
-                                out=out)
+        nn.fused_batch_norm(x, scale, offset, mean, var, data_format=fmt, is_training=False,
+                            out=out)
 
     def backward():
-        with fastbn.backends.use(backend):
-            nn.fused_batch_norm_grad(dy, x, scale, batch_mean, batch_var, data_format=fmt,
-                                     out=out)
+        nn.fused_batch_norm_grad(dy, x, scale, batch_mean, batch_var, data_format=fmt, out=out)
 
     def layer():
-        with fastbn.backends.use(backend), graph.as_default():
+        with graph.as_default():
             fastbn.batch_norm(x, data_format=fmt, scope="bn", reuse=fastbn.AUTO_REUSE,
                               updates_collections=None)
 
@@ -157,6 +155,10 @@ def copy_bandwidth(megabytes=256, repeats=5):
     return 2 * src.nbytes / float(np.median(times))
 
 
+def _side_context(side, backend_names):
+    return fastbn.backends.use(side) if side in backend_names else contextlib.nullcontext()
+
+
 def _time(fn, min_seconds):
     """Seconds per call: the mean over enough calls to fill `min_seconds`."""
     fn()
@@ -199,7 +201,9 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
                         # Each side's OpenMP threads spin a while after its calls: let them
                         # settle before the next side is timed.
                         time.sleep(SETTLE_SECONDS)
-                        samples.setdefault((side, op), []).append(_time(fns[op], min_seconds))
+                        with _side_context(side, backend_names):
+                            seconds = _time(fns[op], min_seconds)
+                        samples.setdefault((side, op), []).append(seconds)
             done += 1
             if progress:
                 progress(done, total, name)

@@ -105,6 +105,12 @@ DEF NORM_ROWS = 8
 DEF LINE_BYTES = 64
 DEF LINE_FLOATS = 16
 DEF PIECE_LINES = 4
+# Streamed rows of at most NORM_TILE channels are cut into stretches of this many
+# elements, regardless of row boundaries, so that only the stretch's two ends are
+# stored plainly (a row of 64 float32 misaligned by 16 bytes would otherwise leave one
+# line in four to plain stores).
+DEF STRETCH = 8192
+DEF WRAP = PIECE_LINES * LINE_FLOATS
 # Channel by channel (runs layout): when a channel's input is at most this many bytes,
 # a thread reduces it and then writes its output while it is still in L2, so the data
 # comes from memory once instead of twice.  Same blocks, same merge order, same bits.
@@ -734,6 +740,67 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
                         _offset(wt, (item // C) * ws_n), ws_m, relu, stream)
 
 
+cdef void _affine_stretch(const floating* x, const floating* dy, floating* y, Py_ssize_t e0,
+                          Py_ssize_t e1, Py_ssize_t C, const floating* mx, const floating* kx,
+                          const floating* bx, const floating* ax, bint relu) noexcept nogil:
+    """Elements e0..e1 of a rows-layout array (no weights), streamed in whole lines.
+    Parameters come from arrays extended by wrapping (p[i] = p[i % C], i < C + WRAP),
+    so that any stretch of up to WRAP elements reads them contiguously."""
+    cdef floating piece[PIECE_LINES * LINE_FLOATS]
+    cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), e = e0, n, i, c
+    cdef Py_ssize_t head_end = e0 + _to_line(y + e0, e1 - e0)
+    while e < e1:
+        c = e % C
+        if e < head_end or e + per > e1:
+            # The plain ends (or all of it, where y is misaligned to its own type).
+            n = (head_end if e < head_end else e1) - e
+            n = n if n < WRAP else WRAP
+            _affine_row(x + e, _offset(dy, e), y + e, n, mx + c, kx + c, bx + c, _offset(ax, c),
+                        1, relu)
+        else:
+            n = ((e1 - e) // per) * per
+            n = n if n < PIECE_LINES * per else PIECE_LINES * per
+            _affine_row(x + e, _offset(dy, e), piece, n, mx + c, kx + c, bx + c, _offset(ax, c),
+                        1, relu)
+            for i in range(n // per):
+                _stream_line(y + e + i * per, piece + i * per)
+        e += n
+
+
+cdef void _affine_rows_streamed(const floating* x, const floating* dy, floating* y,
+                                Geometry* g, const floating* m, const floating* k,
+                                const floating* b, const floating* a, bint relu,
+                                int nt) noexcept nogil:
+    """_affine for rows of at most NORM_TILE channels, streamed, without weights."""
+    cdef Py_ssize_t C = g.C, total = g.N * g.C, width = C + WRAP, i, item, n_items, e0, e1
+    cdef floating* ext = <floating*>malloc(4 * width * sizeof(floating))
+    cdef floating* ax = NULL
+    for i in range(width):
+        ext[i] = m[i % C]
+        ext[width + i] = k[i % C]
+        ext[2 * width + i] = b[i % C]
+        if a != NULL:
+            ext[3 * width + i] = a[i % C]
+    if a != NULL:
+        ax = ext + 3 * width
+    n_items = (total + STRETCH - 1) // STRETCH
+    if nt == 1:
+        for item in range(n_items):
+            e0 = item * STRETCH
+            e1 = e0 + STRETCH if e0 + STRETCH < total else total
+            _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax, relu)
+        fastbn_stream_fence()
+    else:
+        with parallel(num_threads=nt):
+            for item in prange(n_items, schedule="static"):
+                e0 = item * STRETCH
+                e1 = e0 + STRETCH if e0 + STRETCH < total else total
+                _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax,
+                                relu)
+            fastbn_stream_fence()
+    free(ext)
+
+
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
                   const floating* m, const floating* k, const floating* b, const floating* a,
                   const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m, bint relu,
@@ -746,6 +813,9 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     """
     cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item
     cdef int nt = _threads(N * C * M, n_threads)
+    if stream and M == 1 and C <= NORM_TILE and wt == NULL:
+        _affine_rows_streamed(x, dy, y, g, m, k, b, a, relu, nt)
+        return
     if M == 1 and C > NORM_TILE:
         n_items = ((N + NORM_ROWS - 1) // NORM_ROWS) * ((C + NORM_TILE - 1) // NORM_TILE)
     elif M == 1:
