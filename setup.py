@@ -22,6 +22,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 OPTIMIZE = ["-O3"]
+# sqrt() that need not set errno vectorises (the per-channel factors of a call).
+NO_ERRNO = ["-fno-math-errno"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -59,14 +61,15 @@ def _openmp_flags():
 
 def extensions():
     openmp = _openmp_flags()
+    optimize = OPTIMIZE + (NO_ERRNO if _compiles(NO_ERRNO) else [])
     common = dict(include_dirs=[np.get_include()],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                   extra_link_args=openmp)
     exts = [Extension("fastbn._cy.kernels_baseline", ["fastbn/_cy/kernels_baseline.pyx"],
-                      extra_compile_args=OPTIMIZE + openmp, **common)]
+                      extra_compile_args=optimize + openmp, **common)]
     if X86_64 and _compiles(["-mavx2", "-mfma"]):
         exts.append(Extension("fastbn._cy.kernels_avx2", ["fastbn/_cy/kernels_avx2.pyx"],
-                              extra_compile_args=OPTIMIZE + openmp + ["-mavx2", "-mfma"],
+                              extra_compile_args=optimize + openmp + ["-mavx2", "-mfma"],
                               **common))
     return cythonize(exts, compiler_directives={"language_level": 3}, quiet=True)
 

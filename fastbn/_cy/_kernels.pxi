@@ -495,18 +495,18 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
     """Chan's merge of each channel's blocks, in block order.
 
     Block b of channel c is at [b * C + c], its count too.  Unweighted, a block's
-    count is the same for every channel, so the loop over channels has no branch.
+    count is the same for every channel, so the loops over channels have no branch
+    and vectorise.
     """
     cdef Py_ssize_t C = g.C, b, c, i
     cdef double na, nb, n, delta, f, h
-    cdef double* tot = <double*>malloc(C * sizeof(double))
+    cdef double* tot
     for c in range(C):
-        tot[c] = count[c]
         out_mean[c] = mean[c]
         out_var[c] = m2[c]
-    for b in range(1, g.blocks_per_channel):
-        if not weighted:
-            na = tot[0]
+    if not weighted:
+        na = count[0]
+        for b in range(1, g.blocks_per_channel):
             nb = count[b * C]
             n = na + nb
             f = nb / n
@@ -516,8 +516,14 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
                 delta = mean[i] - out_mean[c]
                 out_mean[c] = out_mean[c] + delta * f
                 out_var[c] = out_var[c] + m2[i] + delta * delta * h
-                tot[c] = n
-            continue
+            na = n
+        for c in range(C):
+            out_var[c] = out_var[c] / na
+        return
+    tot = <double*>malloc(C * sizeof(double))
+    for c in range(C):
+        tot[c] = count[c]
+    for b in range(1, g.blocks_per_channel):
         for c in range(C):
             i = b * C + c
             na = tot[c]
