@@ -604,7 +604,15 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
         if _tape.recording():
             node = _fused_node(x, axis, gamma, beta, moving_mean, moving_variance, epsilon,
                                training_now, mean, variance)
-        if training.may_train:
+        if training.may_train and updates_collections is None:
+            if training_now:
+                # In place, during the call (the common case: no closures to build).
+                if zero_debias:
+                    _mean_update(moving_mean, mean, decay, zero_debias, False)()
+                else:
+                    _ema(moving_mean, mean, decay)
+                _ema(moving_variance, variance, decay)
+        elif training.may_train:
             if not training_now:
                 # An is_training Variable that reads False now may read True when an
                 # update op runs: capture this batch's statistics for it.
