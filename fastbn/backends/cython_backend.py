@@ -94,8 +94,9 @@ class CythonBackend(Backend):
                 "compiler (pip install .)") from None
         self.openmp = self._k.openmp_enabled()
         mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
-        self.description = f"Cython fused kernels ({self.isa}, {mode})"
         self.stream_bytes = stream_bytes()
+        self.description = (f"Cython fused kernels ({self.isa}, {mode}; outputs from "
+                            f"{self.stream_bytes / 2**20:g} MiB streamed)")
 
     def threads(self, size=None):
         """Threads for a kernel call (on `size` elements: small ones run on one)."""
