@@ -199,6 +199,54 @@ def test_large_outputs_are_streamed_through_the_backend(monkeypatch):
         np.testing.assert_allclose(q, p, rtol=1e-6, atol=1e-6)
 
 
+def test_contention_guard_backs_off_to_one_thread_and_recovers():
+    guard = cython_backend.ContentionGuard()
+    group = ("train_forward", (4096, 64, 1), np.dtype(np.float32))
+    slow = 0.001 * guard.SLOW * 1.5
+    assert guard.threads(group, 2) == 2
+    guard.record(group, 2, 0.001)
+    guard.record(group, 2, 0.003)  # slower, but under SLOW x the best: nothing changes
+    guard.record(group, 2, slow)  # one hiccup: nothing changes yet
+    guard.record(group, 2, 0.001)
+    assert guard.threads(group, 2) == 2
+    for _ in range(guard.STRIKES):  # slow time after time: back off
+        guard.record(group, 2, slow)
+    backoff = guard.FIRST_BACKOFF
+    assert [guard.threads(group, 2) for _ in range(backoff)] == [1] * backoff
+    guard.record(group, 1, 1.0)  # calls on one thread are not judged
+    assert guard.threads(group, 2) == 2  # then several threads are tried again
+    guard.record(group, 2, slow)  # still slow: at once, twice the backoff
+    assert [guard.threads(group, 2) for _ in range(2 * backoff)] == [1] * (2 * backoff)
+    assert guard.threads(group, 2) == 2
+    guard.record(group, 2, 0.0011)  # fast again: back to normal, backoff reset
+    assert guard.threads(group, 2) == 2
+    for _ in range(guard.STRIKES):
+        guard.record(group, 2, slow)
+    assert [guard.threads(group, 2) for _ in range(backoff + 1)] == [1] * backoff + [2]
+    other = ("moments", (4096, 64, 1), np.dtype(np.float32))
+    assert guard.threads(other, 2) == 2  # groups are independent
+    for n in range(guard.MAX_GROUPS + 1):  # shapes that never repeat: bounded memory
+        guard.record(("moments", (n, 1, 1), np.dtype(np.float32)), 2, 0.001)
+    assert len(guard._groups) <= guard.MAX_GROUPS
+
+
+def test_kernel_calls_take_the_guards_thread_count(monkeypatch):
+    backend = cython_backend.CythonBackend()
+    monkeypatch.setattr(backend, "threads", lambda size=None: 2)
+    seen = []
+
+    def kernel(x, threads):
+        seen.append(threads)
+        return x
+
+    x = np.zeros((64, 8, 1), np.float32)
+    assert backend._run(kernel, x.size, x) is x
+    for _ in range(backend.guard.STRIKES):
+        backend.guard.record((kernel.__name__, x.shape, x.dtype), 2, 1e9)
+    backend._run(kernel, x.size, x)
+    assert seen == [2, 1]
+
+
 def test_threadpoolctl_sees_and_limits_the_kernels():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     backend = fastbn.backends.get("cython")

@@ -4,6 +4,11 @@ The kernels (fastbn/_cy/_kernels.pxi) are built twice; the AVX2/FMA build is
 used where the CPU has both (FASTBN_CPU_DISPATCH=baseline forces the other).
 Threads: FASTBN_NUM_THREADS if set, else the cores this process may use;
 never more than OpenMP's limit (OMP_NUM_THREADS, or threadpoolctl's).
+When other processes keep the cores busy, an OpenMP call can wait whole
+scheduler time slices for its own threads (tens of times slower, seen here):
+calls on several threads that keep taking far longer than the best seen for
+their kernel and shape make the next ones of that kind run on one thread for
+a while, then several again (the bits are the same either way).
 Outputs of at least FASTBN_STREAM_BYTES (default: half the last-level cache)
 are written with non-temporal stores: they cannot stay cached anyway, and
 writing around the cache saves the read of each line before it is written
@@ -13,6 +18,8 @@ and keeps the input cached for the passes that read it again.
 import glob
 import importlib
 import os
+import threading
+import time
 
 import numpy as np
 
@@ -69,6 +76,60 @@ def stream_bytes():
     return cache // 2 if cache else DEFAULT_STREAM_BYTES
 
 
+class ContentionGuard:
+    """Picks the thread count of each multi-threaded kernel call, falling back to one
+    thread where calls on several have become far slower than they were.
+
+    Calls are grouped by kernel and shape.  STRIKES calls in a row on several threads,
+    each more than SLOW times the fastest seen for the group (a machine's ordinary
+    hiccups rarely do that twice running; contention does it every time), send the
+    next `backoff` calls of the group to one thread; then several are tried again, and
+    a still-slow try doubles the backoff (up to MAX_BACKOFF), a fast one resets it.
+    """
+
+    SLOW = 8.0
+    STRIKES = 2
+    FIRST_BACKOFF = 8
+    MAX_BACKOFF = 1024
+    # Forget everything past this many groups (shapes that vary from call to call).
+    MAX_GROUPS = 4096
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # group -> [fastest seconds on several threads, calls left on one thread,
+        #           backoff, slow calls in a row]
+        self._groups = {}
+
+    def threads(self, group, n):
+        """The threads for the next call of `group`, `n` being the configured count."""
+        state = self._groups.get(group)
+        if state is None or state[1] <= 0:
+            return n
+        with self._lock:
+            state[1] -= 1
+        return 1
+
+    def record(self, group, used, seconds):
+        """Accounts a call of `group` on `used` threads that took `seconds`."""
+        if used <= 1:
+            return
+        with self._lock:
+            if len(self._groups) >= self.MAX_GROUPS and group not in self._groups:
+                self._groups.clear()
+            state = self._groups.setdefault(group, [seconds, 0, self.FIRST_BACKOFF, 0])
+            if seconds <= self.SLOW * state[0]:
+                state[0] = min(state[0], seconds)
+                state[2] = self.FIRST_BACKOFF
+                state[3] = 0
+                return
+            state[3] += 1
+            # After a backoff one slow try is enough to back off again.
+            if state[3] >= self.STRIKES or state[2] > self.FIRST_BACKOFF:
+                state[1] = state[2]
+                state[2] = min(2 * state[2], self.MAX_BACKOFF)
+                state[3] = 0
+
+
 def _load_kernels():
     choice = os.environ.get(DISPATCH_VAR, "auto")
     if choice not in ("auto", "avx2", "baseline"):
@@ -95,6 +156,7 @@ class CythonBackend(Backend):
         self.openmp = self._k.openmp_enabled()
         mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
         self.stream_bytes = stream_bytes()
+        self.guard = ContentionGuard()
         self.description = (f"Cython fused kernels ({self.isa}, {mode}; outputs from "
                             f"{self.stream_bytes / 2**20:g} MiB streamed)")
 
@@ -115,6 +177,18 @@ class CythonBackend(Backend):
         return max(1, min(n, self._k.omp_max_threads()))
 
     # -- helpers -----------------------------------------------------------------
+    def _run(self, kernel, size, *args):
+        """kernel(*args, threads), with the thread count `threads(size)` and the guard's."""
+        n = self.threads(size)
+        if n <= 1:
+            return kernel(*args, 1)
+        group = (kernel.__name__, args[0].shape, args[0].dtype)
+        used = self.guard.threads(group, n)
+        start = time.perf_counter()
+        result = kernel(*args, used)
+        self.guard.record(group, used, time.perf_counter() - start)
+        return result
+
     @staticmethod
     def _input(x):
         """x as the C-contiguous float32/float64 array the kernels read."""
@@ -150,26 +224,26 @@ class CythonBackend(Backend):
                 from .numpy_backend import NumpyBackend
                 return NumpyBackend().moments(x, weights)
             w = np.broadcast_to(np.ascontiguousarray(w), xk.shape)
-        return self._k.moments(xk, w, self.threads(xk.size))
+        return self._run(self._k.moments, xk.size, xk, w)
 
     def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
         xk = self._input(x)
         ct = xk.dtype
         y = self._output(x, xk, out)
-        self._k.normalize(xk, y, np.ascontiguousarray(mean, ct), np.ascontiguousarray(multiplier, ct),
-                          np.ascontiguousarray(offset, ct), bool(relu), self._stream(y),
-                          self.threads(xk.size))
+        self._run(self._k.normalize, xk.size, xk, y, np.ascontiguousarray(mean, ct),
+                  np.ascontiguousarray(multiplier, ct), np.ascontiguousarray(offset, ct),
+                  bool(relu), self._stream(y))
         return self._finish(x, y, out)
 
     def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
         xk = self._input(x)
         ct = xk.dtype
         y = self._output(x, xk, out)
-        self._k.infer_forward(
-            xk, y, np.ascontiguousarray(mean, ct), np.ascontiguousarray(variance, np.float64),
+        self._run(
+            self._k.infer_forward, xk.size, xk, y, np.ascontiguousarray(mean, ct),
+            np.ascontiguousarray(variance, np.float64),
             None if scale is None else np.ascontiguousarray(scale, np.float64),
-            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y),
-            self.threads(xk.size))
+            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y))
         return self._finish(x, y, out)
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
@@ -177,17 +251,16 @@ class CythonBackend(Backend):
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
         xk = self._input(x)
         y = self._output(x, xk, out)
-        mean, var = self._k.train_forward(
-            xk, y, np.ascontiguousarray(scale, xk.dtype), np.ascontiguousarray(offset, xk.dtype),
-            float(epsilon), bool(relu), self._stream(y), self.threads(xk.size))
+        mean, var = self._run(
+            self._k.train_forward, xk.size, xk, y, np.ascontiguousarray(scale, xk.dtype),
+            np.ascontiguousarray(offset, xk.dtype), float(epsilon), bool(relu), self._stream(y))
         return self._finish(x, y, out), mean, var
-
 
     def grad_reductions(self, x, dy, mean):
         xk = self._input(x)
         dk = self._input(dy)
-        return self._k.grad_reductions(xk, dk, np.ascontiguousarray(mean, np.float64),
-                                       self.threads(xk.size))
+        return self._run(self._k.grad_reductions, xk.size, xk, dk,
+                         np.ascontiguousarray(mean, np.float64))
 
     def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
         xk = self._input(x)
@@ -195,10 +268,9 @@ class CythonBackend(Backend):
         ct = dk.dtype
         y = self._output(dy, dk, out)
         w = position_weights(weights, dk)
-        self._k.grad_input(xk, dk, y, *(np.ascontiguousarray(v, ct) for v in (mean, a, b, c)),
-                           w, self._stream(y), self.threads(dk.size))
+        self._run(self._k.grad_input, dk.size, xk, dk, y,
+                  *(np.ascontiguousarray(v, ct) for v in (mean, a, b, c)), w, self._stream(y))
         return self._finish(dy, y, out)
-
 
     def backward(self, x, dy, mean, variance, scale, epsilon, training, weights=None,
                  out=None):
@@ -206,10 +278,10 @@ class CythonBackend(Backend):
         dk = self._input(dy)
         y = self._output(dy, dk, out)
         w = position_weights(weights, dk)
-        sum_dy, sum_dy_xhat = self._k.backward(
-            xk, dk, y, np.ascontiguousarray(mean, np.float64),
+        sum_dy, sum_dy_xhat = self._run(
+            self._k.backward, dk.size, xk, dk, y, np.ascontiguousarray(mean, np.float64),
             np.ascontiguousarray(variance, np.float64), np.ascontiguousarray(scale, np.float64),
-            float(epsilon), bool(training), w, self._stream(y), self.threads(dk.size))
+            float(epsilon), bool(training), w, self._stream(y))
         return self._finish(dy, y, out), sum_dy, sum_dy_xhat
 
 
