@@ -491,16 +491,16 @@ cdef void _runs_block_weighted(const floating* x, Geometry* g, Py_ssize_t c, Py_
 # all blocks, then the merge
 
 cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
-                 double* out_mean, double* out_var, bint weighted) noexcept nogil:
+                 double* out_mean, double* out_var, bint weighted,
+                 double* tot) noexcept nogil:
     """Chan's merge of each channel's blocks, in block order.
 
     Block b of channel c is at [b * C + c], its count too.  Unweighted, a block's
     count is the same for every channel, so the loops over channels have no branch
-    and vectorise.
+    and vectorise.  `tot`: room for C doubles (weighted running totals).
     """
     cdef Py_ssize_t C = g.C, b, c, i
     cdef double na, nb, n, delta, f, h
-    cdef double* tot
     for c in range(C):
         out_mean[c] = mean[c]
         out_var[c] = m2[c]
@@ -520,7 +520,6 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
         for c in range(C):
             out_var[c] = out_var[c] / na
         return
-    tot = <double*>malloc(C * sizeof(double))
     for c in range(C):
         tot[c] = count[c]
     for b in range(1, g.blocks_per_channel):
@@ -544,16 +543,15 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
         # A total weight of 0 leaves mean and variance 0, as TF's div_no_nan does.
         if tot[c] != 0.0:
             out_var[c] = out_var[c] / tot[c]
-    free(tot)
 
 
 cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
                              Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, double* count,
-                             double* mean, double* m2, double* scratch,
-                             Py_ssize_t b) noexcept nogil:
-    """Statistics of block b: a row tile x channel tile (rows layout, with a thread's
-    scratch of 3 * CHANNEL_TILE doubles), or a channel's block (runs layout)."""
+                             double* mean, double* m2, Py_ssize_t b) noexcept nogil:
+    """Statistics of block b: a row tile x channel tile (rows layout), or a channel's
+    block (runs layout)."""
     cdef Py_ssize_t C = g.C, rt, c0, w, r0, r1, c, blk, j
+    cdef double scratch[3 * CHANNEL_TILE]
     if g.M == 1:
         rt = b // g.n_channel_tiles
         c0 = (b % g.n_channel_tiles) * g.channel_tile
@@ -585,23 +583,18 @@ cdef void _stats(const floating* x, Geometry* g, const floating* wt,
                  double* out_mean, double* out_var) noexcept nogil:
     cdef Py_ssize_t nblocks, b
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    cdef double* scratch = NULL
     if g.M == 1:
         nblocks = g.n_row_tiles * g.n_channel_tiles
     else:
         nblocks = g.C * g.blocks_per_channel
     if nt == 1:
-        scratch = <double*>malloc(3 * CHANNEL_TILE * sizeof(double))
         for b in range(nblocks):
-            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, scratch, b)
-        free(scratch)
+            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
     else:
-        with parallel(num_threads=nt):
-            scratch = <double*>malloc(3 * CHANNEL_TILE * sizeof(double))
-            for b in prange(nblocks, schedule="static"):
-                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, scratch, b)
-            free(scratch)
-    _merge(g, count, mean, m2, out_mean, out_var, wt != NULL)
+        for b in prange(nblocks, schedule="static", num_threads=nt):
+            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
+    # The workspace's spare vector follows m2 (see _workspace).
+    _merge(g, count, mean, m2, out_mean, out_var, wt != NULL, m2 + g.blocks_per_channel * g.C)
 
 
 # ---------------------------------------------------------------------------
@@ -773,14 +766,17 @@ cdef void _affine_stretch(const floating* x, const floating* dy, floating* y, Py
         e += n
 
 
-cdef void _affine_rows_streamed(const floating* x, const floating* dy, floating* y,
+cdef bint _affine_rows_streamed(const floating* x, const floating* dy, floating* y,
                                 Geometry* g, const floating* m, const floating* k,
                                 const floating* b, const floating* a, bint relu,
                                 int nt) noexcept nogil:
-    """_affine for rows of at most NORM_TILE channels, streamed, without weights."""
+    """_affine for rows of at most NORM_TILE channels, streamed, without weights; False
+    (nothing done) where the parameter copies cannot be allocated."""
     cdef Py_ssize_t C = g.C, total = g.N * g.C, width = C + WRAP, i, item, n_items, e0, e1
     cdef floating* ext = <floating*>malloc(4 * width * sizeof(floating))
     cdef floating* ax = NULL
+    if ext == NULL:
+        return False
     for i in range(width):
         ext[i] = m[i % C]
         ext[width + i] = k[i % C]
@@ -805,6 +801,7 @@ cdef void _affine_rows_streamed(const floating* x, const floating* dy, floating*
                                 relu)
             fastbn_stream_fence()
     free(ext)
+    return True
 
 
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
@@ -819,8 +816,8 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     """
     cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item
     cdef int nt = _threads(N * C * M, n_threads)
-    if stream and M == 1 and C <= NORM_TILE and wt == NULL:
-        _affine_rows_streamed(x, dy, y, g, m, k, b, a, relu, nt)
+    if stream and M == 1 and C <= NORM_TILE and wt == NULL and _affine_rows_streamed(
+            x, dy, y, g, m, k, b, a, relu, nt):
         return
     if M == 1 and C > NORM_TILE:
         n_items = ((N + NORM_ROWS - 1) // NORM_ROWS) * ((C + NORM_TILE - 1) // NORM_TILE)
@@ -997,8 +994,8 @@ cdef inline bint _is_float32(cnp.ndarray x) except -1:
 
 
 cdef double* _workspace(Geometry* g) except NULL:
-    """Per-block statistics (3 x blocks x C doubles) in one allocation, and room to reuse
-    its start for four per-channel vectors afterwards."""
+    """Per-block statistics (3 x blocks x C doubles) and a spare vector of C doubles in
+    one allocation; afterwards its start holds four per-channel vectors."""
     cdef double* w = <double*>malloc((3 * g.blocks_per_channel + 1) * g.C * sizeof(double) + 8)
     if w == NULL:
         raise MemoryError()
