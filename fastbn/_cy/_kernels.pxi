@@ -670,7 +670,8 @@ cdef inline void _affine_row_out(const floating* xr, const floating* gr, floatin
                                  Py_ssize_t n, const floating* m, const floating* k,
                                  const floating* b, const floating* a, floating wr, bint relu,
                                  bint stream) noexcept nogil:
-    """_affine_row; `stream`: whole cache lines of yr computed in registers and streamed."""
+    """_affine_row; `stream`: yr's whole cache lines computed a few at a time into a stack
+    buffer and streamed from it, the unaligned ends stored plainly."""
     cdef floating piece[PIECE_LINES * LINE_FLOATS]
     cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), j, i, lines
     if not stream:
