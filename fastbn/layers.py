@@ -165,9 +165,7 @@ def _ema(var, value, decay):
     """var -= (var - value) * (1 - decay), in the variable's dtype (in place: the
     variable owns its array)."""
     v = var._value
-    if value.dtype != v.dtype:
-        value = value.astype(v.dtype)
-    delta = v - value
+    delta = v - value.astype(v.dtype, copy=False)
     delta *= _ema_rate(decay, v.dtype)
     v -= delta
 
@@ -604,18 +602,10 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
         if _tape.recording():
             node = _fused_node(x, axis, gamma, beta, moving_mean, moving_variance, epsilon,
                                training_now, mean, variance)
-        if training.may_train and updates_collections is None:
-            if training_now:
-                # In place, during the call (the common case: no closures to build).
-                if zero_debias:
-                    _mean_update(moving_mean, mean, decay, zero_debias, False)()
-                else:
-                    _ema(moving_mean, mean, decay)
-                _ema(moving_variance, variance, decay)
-        elif training.may_train:
-            if not training_now:
-                # An is_training Variable that reads False now may read True when an
-                # update op runs: capture this batch's statistics for it.
+        if training.may_train:
+            if not training_now and updates_collections is not None:
+                # An is_training Variable that reads False now may read True when a
+                # collected update op runs: capture this batch's statistics for it.
                 mean, variance = _bessel_corrected_moments(x, axis)
             update_mean = _mean_update(moving_mean, mean, decay, zero_debias, False)
             update_variance = _ema_fn(moving_variance, variance, decay)

@@ -85,6 +85,22 @@ def test_is_training_variable_is_read_when_the_op_runs():
     np.testing.assert_allclose(moving_mean.numpy(), x.mean(axis=0), rtol=1e-6)
 
 
+def test_in_place_layer_not_training_now_skips_batch_statistics(monkeypatch):
+    """With updates_collections=None nothing can apply later, so a call whose is_training
+    Variable reads False computes no batch statistics for it; a collecting call does."""
+    from fastbn import layers
+    x = _x(shape=(6, 2, 2, 3))
+    flag = fb.Variable(False, trainable=False)
+    calls = []
+    real = layers._bessel_corrected_moments
+    monkeypatch.setattr(layers, "_bessel_corrected_moments",
+                        lambda *a: calls.append(1) or real(*a))
+    fb.batch_norm(x, is_training=flag, updates_collections=None, scope="a")
+    assert calls == []
+    fb.batch_norm(x, is_training=flag, updates_collections=["mine"], scope="b")
+    assert calls == [1]
+
+
 def test_warns_when_evaluating_stale_statistics():
     x = _x()
     fb.batch_norm(x, scope="bn")
