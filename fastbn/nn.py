@@ -128,6 +128,12 @@ def as_numeric_array(value, argument):
     return array
 
 
+def _is_channel_vector(value, channels, dtype):
+    """Whether `value` is already a contiguous 1-D ndarray of `channels` in `dtype`."""
+    return (type(value) is np.ndarray and value.dtype == dtype and value.shape == (channels,)
+            and value.flags.c_contiguous)
+
+
 def as_channel_vector(value, channels, dtype, argument):
     """A per-channel parameter as a contiguous 1-D array of `channels` in `dtype`.
 
@@ -135,8 +141,7 @@ def as_channel_vector(value, channels, dtype, argument):
     """
     if isinstance(value, Variable):
         value = value._value.copy()
-    if (type(value) is np.ndarray and value.dtype == dtype and value.shape == (channels,)
-            and value.flags.c_contiguous):
+    if _is_channel_vector(value, channels, dtype):
         return value
     array = as_numeric_array(value, argument)
     if array.ndim == 0:
@@ -590,8 +595,7 @@ def batch_norm_backward(x, dy, axis, mean, variance, epsilon, scale, training, w
     channels = x.shape[axis]
 
     def vector(v):
-        if (type(v) is np.ndarray and v.dtype == _F64 and v.shape == (channels,)
-                and v.flags.c_contiguous):
+        if _is_channel_vector(v, channels, _F64):
             return v
         return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), (channels,)))
 

@@ -60,17 +60,25 @@ def last_level_cache_bytes():
     return max(sizes) if sizes else None
 
 
+def _integer_setting(name, minimum, kind):
+    """The integer in environment variable `name`, None where unset; at least `minimum`,
+    else ValueError saying it must be a `kind` integer."""
+    requested = environ_get(name)
+    if not requested:
+        return None
+    try:
+        n = int(requested)
+    except ValueError:
+        n = minimum - 1
+    if n < minimum:
+        raise ValueError(f"{name} must be a {kind} integer, got {requested!r}")
+    return n
+
+
 def stream_bytes():
     """The output size from which the kernels write with non-temporal stores."""
-    requested = os.environ.get(STREAM_BYTES_VAR)
-    if requested:
-        try:
-            n = int(requested)
-        except ValueError:
-            n = -1
-        if n < 0:
-            raise ValueError(f"{STREAM_BYTES_VAR} must be a non-negative integer, "
-                             f"got {requested!r}")
+    n = _integer_setting(STREAM_BYTES_VAR, 0, "non-negative")
+    if n is not None:
         return n
     cache = last_level_cache_bytes()
     return cache // 2 if cache else DEFAULT_STREAM_BYTES
@@ -164,15 +172,8 @@ class CythonBackend(Backend):
         """Threads for a kernel call (on `size` elements: small ones run on one)."""
         if not self.openmp or (size is not None and size < self._k.serial_below):
             return 1
-        requested = environ_get(NUM_THREADS_VAR)
-        if requested:
-            try:
-                n = int(requested)
-            except ValueError:
-                n = 0
-            if n < 1:
-                raise ValueError(f"{NUM_THREADS_VAR} must be a positive integer, got {requested!r}")
-        else:
+        n = _integer_setting(NUM_THREADS_VAR, 1, "positive")
+        if n is None:
             n = usable_cores()
         return max(1, min(n, self._k.omp_max_threads()))
 
