@@ -607,10 +607,9 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
                 # An is_training Variable that reads False now may read True when a
                 # collected update op runs: capture this batch's statistics for it.
                 mean, variance = _bessel_corrected_moments(x, axis)
-            update_mean = _mean_update(moving_mean, mean, decay, zero_debias, False)
-            update_variance = _ema_fn(moving_variance, variance, decay)
-            _apply_or_collect(graph, training, updates_collections, sc.name, training_now,
-                              update_mean, update_variance)
+            _update_moving_statistics(graph, training, updates_collections, sc.name,
+                                      training_now, moving_mean, mean, moving_variance,
+                                      variance, decay, zero_debias, False)
     return outputs, node
 
 
@@ -633,24 +632,33 @@ def _ema_fn(var, value, decay):
     return lambda: _ema(var, value, decay)
 
 
-def _mean_update(moving_mean, mean, decay, zero_debias, model):
-    if not zero_debias:
-        return _ema_fn(moving_mean, mean, decay)
+def _zero_debias_update(moving_mean, mean, decay, model):
+    """The zero-debiased EMA of moving_mean, creating its shadow variables now."""
     biased, local_step = _zero_debias_vars(moving_mean, model)
     return lambda: _ema_zero_debias(moving_mean, biased, local_step, mean, decay)
 
 
-def _apply_or_collect(graph, training, collections, layer_name, training_now, update_mean,
-                      update_variance):
-    """Applies the two moving-average updates now (collections None), else collects them."""
+def _update_moving_statistics(graph, training, collections, layer_name, training_now,
+                              moving_mean, mean, moving_variance, variance, decay,
+                              zero_debias, model):
+    """The call's two moving-average updates: applied now (collections None, and only if
+    training now), else collected as update ops.  Zero-debias shadows are created either
+    way, as TF creates them with the layer."""
+    update_mean = _zero_debias_update(moving_mean, mean, decay, model) if zero_debias else None
     if collections is None:
+        # Applied directly: no closures or ops to build on the common in-place path.
         if training_now:
-            update_mean()
-            update_variance()
+            if update_mean is None:
+                _ema(moving_mean, mean, decay)
+            else:
+                update_mean()
+            _ema(moving_variance, variance, decay)
         return
+    if update_mean is None:
+        update_mean = _ema_fn(moving_mean, mean, decay)
     updates = _Updates(graph, training, collections, layer_name)
     updates.collect(updates.op("AssignMovingAvg", update_mean),
-                    updates.op("AssignMovingAvg", update_variance))
+                    updates.op("AssignMovingAvg", _ema_fn(moving_variance, variance, decay)))
 
 
 def _check_stale(graph, layer_name):
@@ -848,10 +856,9 @@ def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
             else:
                 w = batch_weights.reshape((-1,) + (1,) * (x.ndim - 1))
                 batch_mean, batch_var = nn.weighted_moments(x, reduce_axes, w)
-            update_mean = _mean_update(moving_mean, batch_mean, decay, zero_debias, True)
-            update_variance = _ema_fn(moving_variance, batch_var, decay)
-            _apply_or_collect(graph, training, updates_collections, sc.name, training_now,
-                              update_mean, update_variance)
+            _update_moving_statistics(graph, training, updates_collections, sc.name,
+                                      training_now, moving_mean, batch_mean, moving_variance,
+                                      batch_var, decay, zero_debias, True)
             if training_now:
                 mean, variance = batch_mean, batch_var
             else:

@@ -101,6 +101,18 @@ def test_in_place_layer_not_training_now_skips_batch_statistics(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("updates_collections", [None, ["mine"]])
+def test_zero_debias_shadows_exist_whatever_is_training_reads(updates_collections):
+    """TF builds the zero-debiased update, and so its shadow variables, with the layer,
+    whether or not the is_training Variable reads True at the time."""
+    flag = fb.Variable(False, trainable=False)
+    fb.batch_norm(_x(), is_training=flag, zero_debias_moving_mean=True,
+                  updates_collections=updates_collections, scope="bn")
+    names = {v.op_name for v in fb.global_variables()}
+    # (TF's names: the shadow scope is the variable's full name, opened inside "bn".)
+    assert {"bn/bn/moving_mean/biased", "bn/bn/moving_mean/local_step"} <= names
+
+
 def test_warns_when_evaluating_stale_statistics():
     x = _x()
     fb.batch_norm(x, scope="bn")
