@@ -103,7 +103,7 @@ DEF NORM_ROWS = 8
 # PIECE_LINES lines at a time into a buffer on the stack: small enough to alternate
 # reading and writing memory finely, large enough for the loops to vectorise.
 DEF LINE_BYTES = 64
-DEF LINE_FLOATS = 16
+DEF LINE_FLOATS = LINE_BYTES // 4
 DEF PIECE_LINES = 4
 # Streamed rows of at most NORM_TILE channels are cut into stretches of this many
 # elements, regardless of row boundaries, so that only the stretch's two ends are
@@ -1088,8 +1088,9 @@ cdef inline bint _channelwise(Geometry* g, Py_ssize_t bytes_per_element,
 
 
 cdef void _train_channelwise(const floating* x, floating* y, Geometry* g,
-                             const floating* scale, const floating* offset, double epsilon, bint relu, bint stream,
-                             int nt, double* om, double* ov) noexcept nogil:
+                             const floating* scale, const floating* offset, double epsilon,
+                             bint relu, bint stream, int nt, double* om,
+                             double* ov) noexcept nogil:
     """Statistics then normalisation, one channel at a time per thread."""
     cdef Py_ssize_t c, blk, r, i
     cdef double count, mean, m2, tot, na, n, delta
@@ -1250,12 +1251,10 @@ def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray
     with nogil:
         if f32:
             _train(<float*>NULL, <const float*>xp, <float*>yp, &g, <const float*>sp,
-                   <const float*>op, epsilon, relu,
-                   stream, n_threads, work, om, ov)
+                   <const float*>op, epsilon, relu, stream, n_threads, work, om, ov)
         else:
             _train(<double*>NULL, <const double*>xp, <double*>yp, &g, <const double*>sp,
-                   <const double*>op, epsilon, relu,
-                   stream, n_threads, work, om, ov)
+                   <const double*>op, epsilon, relu, stream, n_threads, work, om, ov)
     free(work)
     return out_mean, out_var
 
