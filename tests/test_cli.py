@@ -1,6 +1,7 @@
 """`python -m fastbn info` and `python -m fastbn bench`."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,16 @@ def test_info_lists_every_backend_and_why_not():
         assert name in result.stdout
         if reason:
             assert reason in result.stdout
+
+
+def test_info_says_from_what_size_outputs_are_streamed():
+    if "cython" not in fastbn.backends.available():
+        pytest.skip("the Cython backend is not built here")
+    env = dict(os.environ, FASTBN_STREAM_BYTES=str(3 << 20))
+    result = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "outputs from 3 MiB streamed" in result.stdout
 
 
 def test_bench_quick_writes_every_case_and_backend(tmp_path):
