@@ -240,6 +240,20 @@ def test_contention_guard_backs_off_to_one_thread_and_recovers():
     assert len(guard._groups) <= guard.MAX_GROUPS
 
 
+def test_contention_guard_leaves_long_calls_on_several_threads():
+    guard = cython_backend.ContentionGuard()
+    group = ("train_forward", (802816, 64, 1), np.dtype(np.float32))
+    guard.record(group, 2, guard.LONG)
+    for _ in range(4 * guard.STRIKES):  # page-fault stalls, not contention
+        guard.record(group, 2, 100 * guard.LONG)
+    assert guard.threads(group, 2) == 2
+    short = ("train_forward", (8, 64, 1), np.dtype(np.float32))
+    guard.record(short, 2, guard.LONG / 2)
+    for _ in range(guard.STRIKES):
+        guard.record(short, 2, 100 * guard.LONG)
+    assert guard.threads(short, 2) == 1
+
+
 def test_kernel_calls_take_the_guards_thread_count(monkeypatch):
     backend = cython_backend.CythonBackend()
     monkeypatch.setattr(backend, "threads", lambda size=None: 2)

@@ -93,10 +93,16 @@ class ContentionGuard:
     hiccups rarely do that twice running; contention does it every time), send the
     next `backoff` calls of the group to one thread; then several are tried again, and
     a still-slow try doubles the backoff (up to MAX_BACKOFF), a fast one resets it.
+
+    Groups whose fastest call took LONG seconds or more are never backed off: contention
+    costs such a call a few scheduler time slices, far from SLOW times its length, so
+    when one is that slow the cause is elsewhere (a fresh output's first-touch page
+    faults, the kernel compacting memory for huge pages), and one thread does not help.
     """
 
     SLOW = 8.0
     STRIKES = 2
+    LONG = 0.005
     FIRST_BACKOFF = 8
     MAX_BACKOFF = 1024
     # Forget everything past this many groups (shapes that vary from call to call).
@@ -125,7 +131,7 @@ class ContentionGuard:
             if len(self._groups) >= self.MAX_GROUPS and group not in self._groups:
                 self._groups.clear()
             state = self._groups.setdefault(group, [seconds, 0, self.FIRST_BACKOFF, 0])
-            if seconds <= self.SLOW * state[0]:
+            if seconds <= self.SLOW * state[0] or state[0] >= self.LONG:
                 state[0] = min(state[0], seconds)
                 state[2] = self.FIRST_BACKOFF
                 state[3] = 0
