@@ -23,7 +23,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange, parallel
 from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cnp.import_array()
 
@@ -105,12 +105,13 @@ DEF NORM_ROWS = 8
 DEF LINE_BYTES = 64
 DEF LINE_FLOATS = LINE_BYTES // 4
 DEF PIECE_LINES = 4
-# Streamed rows of at most NORM_TILE channels are cut into stretches of this many
-# elements, regardless of row boundaries, so that only the stretch's two ends are
-# stored plainly (a row of 64 float32 misaligned by 16 bytes would otherwise leave one
-# line in four to plain stores).
+# Rows of at most NORM_TILE channels are cut into stretches of this many elements,
+# regardless of row boundaries: a loop then runs over up to WRAP elements at a time
+# instead of one short row (64 channels leave a vector loop little to do per call),
+# and a streamed stretch stores only its two ends plainly (a row of 64 float32
+# misaligned by 16 bytes would otherwise leave one line in four to plain stores).
 DEF STRETCH = 8192
-DEF WRAP = PIECE_LINES * LINE_FLOATS
+DEF WRAP = 1024
 # Channel by channel (runs layout): when a channel's input is at most this many bytes,
 # a thread reduces it and then writes its output while it is still in L2, so the data
 # comes from memory once instead of twice.  Same blocks, same merge order, same bits.
@@ -742,19 +743,21 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
 
 cdef void _affine_stretch(const floating* x, const floating* dy, floating* y, Py_ssize_t e0,
                           Py_ssize_t e1, Py_ssize_t C, const floating* mx, const floating* kx,
-                          const floating* bx, const floating* ax, bint relu) noexcept nogil:
-    """Elements e0..e1 of a rows-layout array (no weights), streamed in whole lines.
-    Parameters come from arrays extended by wrapping (p[i] = p[i % C], i < C + WRAP),
-    so that any stretch of up to WRAP elements reads them contiguously."""
+                          const floating* bx, const floating* ax, Py_ssize_t wrap, bint relu,
+                          bint stream) noexcept nogil:
+    """Elements e0..e1 of a rows-layout array (no weights); `stream`: y in whole lines
+    with non-temporal stores.  Parameters come from arrays extended by wrapping
+    (p[i] = p[i % C], i < C + wrap), so that any `wrap` elements read them contiguously."""
     cdef floating piece[PIECE_LINES * LINE_FLOATS]
     cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), e = e0, n, i, c
-    cdef Py_ssize_t head_end = e0 + _to_line(y + e0, e1 - e0)
+    cdef Py_ssize_t head_end = e1 if not stream else e0 + _to_line(y + e0, e1 - e0)
     while e < e1:
         c = e % C
         if e < head_end or e + per > e1:
-            # The plain ends (or all of it, where y is misaligned to its own type).
+            # Plain stores: the ends of a streamed stretch (or all of it, where y is
+            # misaligned to its own type), or a stretch not streamed.
             n = (head_end if e < head_end else e1) - e
-            n = n if n < WRAP else WRAP
+            n = n if n < wrap else wrap
             _affine_row(x + e, _offset(dy, e), y + e, n, mx + c, kx + c, bx + c, _offset(ax, c),
                         1, relu)
         else:
@@ -767,40 +770,53 @@ cdef void _affine_stretch(const floating* x, const floating* dy, floating* y, Py
         e += n
 
 
-cdef bint _affine_rows_streamed(const floating* x, const floating* dy, floating* y,
-                                Geometry* g, const floating* m, const floating* k,
-                                const floating* b, const floating* a, bint relu,
-                                int nt) noexcept nogil:
-    """_affine for rows of at most NORM_TILE channels, streamed, without weights; False
-    (nothing done) where the parameter copies cannot be allocated."""
-    cdef Py_ssize_t C = g.C, total = g.N * g.C, width = C + WRAP, i, item, n_items, e0, e1
+cdef inline void _wrapped(floating* ext, const floating* p, Py_ssize_t C,
+                          Py_ssize_t width) noexcept nogil:
+    """ext[i] = p[i % C] for i < width (width >= C), by doubling copies."""
+    cdef Py_ssize_t n = C, piece
+    memcpy(ext, p, C * sizeof(floating))
+    while n < width:
+        piece = n if n < width - n else width - n
+        memcpy(ext + n, ext, piece * sizeof(floating))
+        n += piece
+
+
+cdef bint _affine_rows_wrapped(const floating* x, const floating* dy, floating* y,
+                               Geometry* g, const floating* m, const floating* k,
+                               const floating* b, const floating* a, bint relu, bint stream,
+                               int nt) noexcept nogil:
+    """_affine for rows of at most NORM_TILE channels without weights, in stretches;
+    False (nothing done) where the parameter copies cannot be allocated."""
+    cdef Py_ssize_t C = g.C, total = g.N * g.C, item, n_items, e0, e1
+    cdef Py_ssize_t wrap = total if total < WRAP else WRAP, width = C + wrap
     cdef floating* ext = <floating*>malloc(4 * width * sizeof(floating))
     cdef floating* ax = NULL
     if ext == NULL:
         return False
-    for i in range(width):
-        ext[i] = m[i % C]
-        ext[width + i] = k[i % C]
-        ext[2 * width + i] = b[i % C]
-        if a != NULL:
-            ext[3 * width + i] = a[i % C]
+    _wrapped(ext, m, C, width)
+    _wrapped(ext + width, k, C, width)
+    _wrapped(ext + 2 * width, b, C, width)
     if a != NULL:
         ax = ext + 3 * width
+        _wrapped(ax, a, C, width)
     n_items = (total + STRETCH - 1) // STRETCH
     if nt == 1:
         for item in range(n_items):
             e0 = item * STRETCH
             e1 = e0 + STRETCH if e0 + STRETCH < total else total
-            _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax, relu)
-        fastbn_stream_fence()
+            _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax, wrap,
+                            relu, stream)
+        if stream:
+            fastbn_stream_fence()
     else:
         with parallel(num_threads=nt):
             for item in prange(n_items, schedule="static"):
                 e0 = item * STRETCH
                 e1 = e0 + STRETCH if e0 + STRETCH < total else total
                 _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax,
-                                relu)
-            fastbn_stream_fence()
+                                wrap, relu, stream)
+            if stream:
+                fastbn_stream_fence()
     free(ext)
     return True
 
@@ -813,12 +829,13 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     `stream`: write y with non-temporal stores.
 
     Wide rows go in tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
-    parameters stay in L1 across its rows; other rows one at a time; runs one at a time.
+    parameters stay in L1 across its rows; narrower rows in stretches across row
+    boundaries (one at a time where rows have weights); runs one at a time.
     """
     cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item
     cdef int nt = _threads(N * C * M, n_threads)
-    if stream and M == 1 and C <= NORM_TILE and wt == NULL and _affine_rows_streamed(
-            x, dy, y, g, m, k, b, a, relu, nt):
+    if M == 1 and C <= NORM_TILE and wt == NULL and _affine_rows_wrapped(
+            x, dy, y, g, m, k, b, a, relu, stream, nt):
         return
     if M == 1 and C > NORM_TILE:
         n_items = ((N + NORM_ROWS - 1) // NORM_ROWS) * ((C + NORM_TILE - 1) // NORM_TILE)
