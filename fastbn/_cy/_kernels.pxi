@@ -33,13 +33,19 @@ cdef extern from *:
     #include <omp.h>
     static int fastbn_omp_max_threads(void) { return omp_get_max_threads(); }
     static int fastbn_have_openmp(void) { return 1; }
+    static int fastbn_thread_num(void) { return omp_get_thread_num(); }
+    static int fastbn_team_size(void) { return omp_get_num_threads(); }
     #else
     static int fastbn_omp_max_threads(void) { return 1; }
     static int fastbn_have_openmp(void) { return 0; }
+    static int fastbn_thread_num(void) { return 0; }
+    static int fastbn_team_size(void) { return 1; }
     #endif
     """
     int fastbn_omp_max_threads() noexcept nogil
     int fastbn_have_openmp() noexcept nogil
+    int fastbn_thread_num() noexcept nogil
+    int fastbn_team_size() noexcept nogil
 
 cdef extern from *:
     """
@@ -133,6 +139,13 @@ def openmp_enabled():
 def omp_max_threads():
     """OpenMP's current thread limit (OMP_NUM_THREADS, threadpoolctl)."""
     return fastbn_omp_max_threads()
+
+
+cdef inline Py_ssize_t _share_end(Py_ssize_t n_items, int after) noexcept nogil:
+    """Inside a parallel block, where the calling thread's contiguous share of n_items
+    items starts (after=0) or ends (after=1).  (Assigned in the block, not through a
+    pointer, the bounds stay private to each thread.)"""
+    return n_items * (fastbn_thread_num() + after) // fastbn_team_size()
 
 
 cdef inline int _threads(Py_ssize_t size, int n_threads) noexcept nogil:
@@ -787,7 +800,7 @@ cdef bint _affine_rows_wrapped(const floating* x, const floating* dy, floating* 
                                int nt) noexcept nogil:
     """_affine for rows of at most NORM_TILE channels without weights, in stretches;
     False (nothing done) where the parameter copies cannot be allocated."""
-    cdef Py_ssize_t C = g.C, total = g.N * g.C, item, n_items, e0, e1
+    cdef Py_ssize_t C = g.C, total = g.N * g.C, item, n_items, e0, e1, lo
     cdef Py_ssize_t wrap = total if total < WRAP else WRAP, width = C + wrap
     cdef floating* ext = <floating*>malloc(4 * width * sizeof(floating))
     cdef floating* ax = NULL
@@ -801,20 +814,25 @@ cdef bint _affine_rows_wrapped(const floating* x, const floating* dy, floating* 
         _wrapped(ax, a, C, width)
     n_items = (total + STRETCH - 1) // STRETCH
     if nt == 1:
-        for item in range(n_items):
+        item = n_items - 1
+        while item >= 0:
             e0 = item * STRETCH
             e1 = e0 + STRETCH if e0 + STRETCH < total else total
             _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax, wrap,
                             relu, stream)
+            item = item - 1
         if stream:
             fastbn_stream_fence()
     else:
         with parallel(num_threads=nt):
-            for item in prange(n_items, schedule="static"):
+            lo = _share_end(n_items, 0)
+            item = _share_end(n_items, 1) - 1
+            while item >= lo:
                 e0 = item * STRETCH
                 e1 = e0 + STRETCH if e0 + STRETCH < total else total
                 _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax,
                                 wrap, relu, stream)
+                item = item - 1
             if stream:
                 fastbn_stream_fence()
     free(ext)
@@ -831,8 +849,13 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     Wide rows go in tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
     parameters stay in L1 across its rows; narrower rows in stretches across row
     boundaries (one at a time where rows have weights); runs one at a time.
+
+    Each thread takes a contiguous share of the items, as a static schedule would, and
+    goes through it backwards: the pass before this one (statistics, gradient sums)
+    read the same share forwards, so its last lines are the ones still in the core's
+    cache, and the ones this pass reads last are the next call's first.
     """
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item, lo
     cdef int nt = _threads(N * C * M, n_threads)
     if M == 1 and C <= NORM_TILE and wt == NULL and _affine_rows_wrapped(
             x, dy, y, g, m, k, b, a, relu, stream, nt):
@@ -845,14 +868,19 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
         n_items = N * C
     if nt == 1:
         # An OpenMP region costs about a microsecond even on one thread: small calls skip it.
-        for item in range(n_items):
+        item = n_items - 1
+        while item >= 0:
             _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, item)
+            item = item - 1
         if stream:
             fastbn_stream_fence()
         return
     with parallel(num_threads=nt):
-        for item in prange(n_items, schedule="static"):
+        lo = _share_end(n_items, 0)
+        item = _share_end(n_items, 1) - 1
+        while item >= lo:
             _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, item)
+            item = item - 1
         if stream:
             fastbn_stream_fence()
 
