@@ -1,6 +1,7 @@
-"""`python -m fastbn info` and `python -m fastbn bench`."""
+"""`python -m fastbn info`, `python -m fastbn bench` and `python -m fastbn summarize`."""
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -37,6 +38,20 @@ def bench(args):
     return bench_module.main(args)
 
 
+def summarize(args):
+    from . import bench as bench_module
+
+    reports = []
+    for path in args.reports:
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"cannot read a bench report from {path}: {err}") from None
+    print(bench_module.summary(reports, side=args.side, against=args.against))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -51,11 +66,18 @@ def main(argv=None):
     b.add_argument("--json", dest="json_path", default=None, help="write the raw figures here")
     b.add_argument("--plot", dest="plot_path", default=None,
                    help="write a bar chart here (PNG; needs matplotlib)")
+    t = sub.add_parser("summarize", help="a Markdown table over several `bench --json` runs")
+    t.add_argument("reports", nargs="+", help="JSON files written by bench --json")
+    t.add_argument("--side", default=None,
+                   help="the fastbn backend to report (default: the first but numpy)")
+    t.add_argument("--against", default="torch", help="the side to compare it with")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args)
     if args.command == "bench":
         return bench(args)
+    if args.command == "summarize":
+        return summarize(args)
     parser.print_help()
     return 2
 

@@ -269,6 +269,48 @@ def table(report):
     return "\n".join(lines)
 
 
+def summary(reports, side=None, against="torch", ops=("train", "infer", "backward")):
+    """A Markdown table over several runs' reports (as `--json` writes them): per case and
+    op, `side`'s and `against`'s medians over the runs' medians (ms), `side`'s speed-up
+    over `against` (median, and its range over the runs) and its share of the roofline.
+
+    `side` defaults to the first fastbn backend in the reports other than numpy.
+    """
+    if not reports:
+        raise ValueError("summary needs at least one report")
+    results = [r for report in reports for r in report["results"]]
+    if side is None:
+        fastbn_sides = [r["side"] for r in results if r["side"] not in COMPARATORS]
+        side = next((s for s in fastbn_sides if s != "numpy"), fastbn_sides[0] if fastbn_sides
+                    else None)
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    ops = [op for op in ops if any(r["op"] == op for r in results)]
+    runs = [{(r["case"], r["side"], r["op"]): r for r in report["results"]}
+            for report in reports]
+
+    def ms(v):
+        return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+    header = ["case"] + [f"{op} | {against} | x | R" for op in ops]
+    lines = [f"| {' | '.join(header)} |", "|" + "---|" * (1 + 4 * len(ops))]
+    for case in cases:
+        cells = [case]
+        for op in ops:
+            pairs = [(run.get((case, side, op)), run.get((case, against, op))) for run in runs]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if not pairs:
+                cells += ["-"] * 4
+                continue
+            mine = [a["median_ms"] for a, _ in pairs]
+            theirs = [b["median_ms"] for _, b in pairs]
+            speedups = [t / m for m, t in zip(mine, theirs)]
+            cells += [ms(float(np.median(mine))), ms(float(np.median(theirs))),
+                      f"{np.median(speedups):.2f} ({min(speedups):.2f}-{max(speedups):.2f})",
+                      f"{np.median([a['of_roofline'] for a, _ in pairs]):.2f}"]
+        lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def plot(report, path):
     try:
         import matplotlib

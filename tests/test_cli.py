@@ -1,4 +1,4 @@
-"""`python -m fastbn info` and `python -m fastbn bench`."""
+"""`python -m fastbn info`, `bench` and `summarize`."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import pytest
 
 import fastbn
 from fastbn import bench
+from fastbn.__main__ import main
 
 
 def _run(*args):
@@ -81,3 +82,32 @@ def test_bench_table_shows_ratios_and_roofline():
     text = bench.table(report)
     assert "train:" in text and "backward:" in text and "roofline" in text
     assert report["results"][0]["of_roofline"] > 0
+
+
+def _report(times):
+    """A bench report with one case and the given {(side, op): median ms}."""
+    return {"results": [{"case": "c", "side": side, "op": op, "median_ms": ms,
+                         "of_roofline": ms / 10.0} for (side, op), ms in times.items()]}
+
+
+def test_summarize_takes_medians_over_runs_and_the_range_of_speedups():
+    reports = [_report({("numpy", "train"): 50.0, ("cython", "train"): a,
+                        ("torch", "train"): b}) for a, b in ((1.0, 3.0), (2.0, 3.0), (4.0, 2.0))]
+    text = bench.summary(reports)
+    header, rule, row = text.splitlines()
+    assert header == "| case | train | torch | x | R |"
+    assert row == "| c | 2 | 3 | 1.50 (0.50-3.00) | 0.20 |"
+    with pytest.raises(ValueError, match="at least one report"):
+        bench.summary([])
+
+
+def test_summarize_command_reads_bench_json(tmp_path, capsys):
+    paths = []
+    for i, ms in enumerate((1.0, 3.0)):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps(_report({("cython", "infer"): ms, ("torch", "infer"): 3.0})))
+        paths.append(str(path))
+    assert main(["summarize", *paths]) == 0
+    assert "| c | 2 | 3 | 2.00 (1.00-3.00) | 0.20 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot read a bench report"):
+        main(["summarize", str(tmp_path / "missing.json")])
