@@ -727,33 +727,6 @@ cdef inline void _affine_run_out(const floating* xr, const floating* gr, floatin
                 relu)
 
 
-cdef inline void _affine_item(const floating* x, const floating* dy, floating* y, Geometry* g,
-                              const floating* m, const floating* k, const floating* b,
-                              const floating* a, const floating* wt, Py_ssize_t ws_n,
-                              Py_ssize_t ws_m, bint relu, bint stream,
-                              Py_ssize_t item) noexcept nogil:
-    """One work item of _affine: a tile of NORM_ROWS wide rows, a row, or a run."""
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_tiles, r0, r1, c0, w, r, c
-    if M == 1 and C > NORM_TILE:
-        n_tiles = (C + NORM_TILE - 1) // NORM_TILE
-        r0 = (item // n_tiles) * NORM_ROWS
-        r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
-        c0 = (item % n_tiles) * NORM_TILE
-        w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
-        for r in range(r0, r1):
-            _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, w,
-                            m + c0, k + c0, b + c0, _offset(a, c0),
-                            1 if wt == NULL else wt[r * ws_n], relu, stream)
-    elif M == 1:
-        _affine_row_out(x + item * C, _offset(dy, item * C), y + item * C, C, m, k, b, a,
-                        1 if wt == NULL else wt[item * ws_n], relu, stream)
-    else:
-        c = item % C
-        _affine_run_out(x + item * M, _offset(dy, item * M), y + item * M, M,
-                        m[c], k[c], b[c], 0 if a == NULL else a[c],
-                        _offset(wt, (item // C) * ws_n), ws_m, relu, stream)
-
-
 cdef void _affine_stretch(const floating* x, const floating* dy, floating* y, Py_ssize_t e0,
                           Py_ssize_t e1, Py_ssize_t C, const floating* mx, const floating* kx,
                           const floating* bx, const floating* ax, Py_ssize_t wrap, bint relu,
@@ -794,49 +767,55 @@ cdef inline void _wrapped(floating* ext, const floating* p, Py_ssize_t C,
         n += piece
 
 
-cdef bint _affine_rows_wrapped(const floating* x, const floating* dy, floating* y,
-                               Geometry* g, const floating* m, const floating* k,
-                               const floating* b, const floating* a, bint relu, bint stream,
-                               int nt) noexcept nogil:
-    """_affine for rows of at most NORM_TILE channels without weights, in stretches;
-    False (nothing done) where the parameter copies cannot be allocated."""
-    cdef Py_ssize_t C = g.C, total = g.N * g.C, item, n_items, e0, e1, lo
-    cdef Py_ssize_t wrap = total if total < WRAP else WRAP, width = C + wrap
+cdef floating* _wrapped_parameters(const floating* m, const floating* k, const floating* b,
+                                  const floating* a, Py_ssize_t C,
+                                  Py_ssize_t wrap) noexcept nogil:
+    """m, k, b (and a, where given) one after another, each extended by wrapping to
+    C + wrap elements, for _affine_stretch; NULL where they cannot be allocated."""
+    cdef Py_ssize_t width = C + wrap
     cdef floating* ext = <floating*>malloc(4 * width * sizeof(floating))
-    cdef floating* ax = NULL
     if ext == NULL:
-        return False
+        return NULL
     _wrapped(ext, m, C, width)
     _wrapped(ext + width, k, C, width)
     _wrapped(ext + 2 * width, b, C, width)
     if a != NULL:
-        ax = ext + 3 * width
-        _wrapped(ax, a, C, width)
-    n_items = (total + STRETCH - 1) // STRETCH
-    if nt == 1:
-        item = n_items - 1
-        while item >= 0:
-            e0 = item * STRETCH
-            e1 = e0 + STRETCH if e0 + STRETCH < total else total
-            _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax, wrap,
-                            relu, stream)
-            item = item - 1
-        if stream:
-            fastbn_stream_fence()
+        _wrapped(ext + 3 * width, a, C, width)
+    return ext
+
+
+cdef inline void _affine_item(const floating* x, const floating* dy, floating* y, Geometry* g,
+                              const floating* m, const floating* k, const floating* b,
+                              const floating* a, const floating* wt, Py_ssize_t ws_n,
+                              Py_ssize_t ws_m, bint relu, bint stream, const floating* ext,
+                              Py_ssize_t wrap, Py_ssize_t item) noexcept nogil:
+    """One work item of _affine: a stretch of STRETCH elements (where `ext` holds the
+    wrapped parameters), a tile of NORM_ROWS wide rows, a row, or a run."""
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_tiles, r0, r1, c0, w, r, c
+    cdef Py_ssize_t width = C + wrap, e0 = item * STRETCH
+    if ext != NULL:
+        _affine_stretch(x, dy, y, e0, e0 + STRETCH if e0 + STRETCH < N * C else N * C, C,
+                        ext, ext + width, ext + 2 * width,
+                        NULL if a == NULL else ext + 3 * width, wrap, relu, stream)
+    elif M == 1 and C > NORM_TILE:
+        n_tiles = (C + NORM_TILE - 1) // NORM_TILE
+        r0 = (item // n_tiles) * NORM_ROWS
+        r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
+        c0 = (item % n_tiles) * NORM_TILE
+        w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
+        for r in range(r0, r1):
+            _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, w,
+                            m + c0, k + c0, b + c0, _offset(a, c0),
+                            1 if wt == NULL else wt[r * ws_n], relu, stream)
+    elif M == 1:
+        _affine_row_out(x + item * C, _offset(dy, item * C), y + item * C, C, m, k, b, a,
+                        1 if wt == NULL else wt[item * ws_n], relu, stream)
     else:
-        with parallel(num_threads=nt):
-            lo = _share_end(n_items, 0)
-            item = _share_end(n_items, 1) - 1
-            while item >= lo:
-                e0 = item * STRETCH
-                e1 = e0 + STRETCH if e0 + STRETCH < total else total
-                _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width, ax,
-                                wrap, relu, stream)
-                item = item - 1
-            if stream:
-                fastbn_stream_fence()
-    free(ext)
-    return True
+        c = item % C
+        _affine_run_out(x + item * M, _offset(dy, item * M), y + item * M, M,
+                        m[c], k[c], b[c], 0 if a == NULL else a[c],
+                        _offset(wt, (item // C) * ws_n), ws_m, relu, stream)
+
 
 
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
@@ -855,12 +834,15 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     read the same share forwards, so its last lines are the ones still in the core's
     cache, and the ones this pass reads last are the next call's first.
     """
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item, lo
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item, lo, wrap = 0
     cdef int nt = _threads(N * C * M, n_threads)
-    if M == 1 and C <= NORM_TILE and wt == NULL and _affine_rows_wrapped(
-            x, dy, y, g, m, k, b, a, relu, stream, nt):
-        return
-    if M == 1 and C > NORM_TILE:
+    cdef floating* ext = NULL
+    if M == 1 and C <= NORM_TILE and wt == NULL:
+        wrap = N * C if N * C < WRAP else WRAP
+        ext = _wrapped_parameters(m, k, b, a, C, wrap)
+    if ext != NULL:
+        n_items = (N * C + STRETCH - 1) // STRETCH
+    elif M == 1 and C > NORM_TILE:
         n_items = ((N + NORM_ROWS - 1) // NORM_ROWS) * ((C + NORM_TILE - 1) // NORM_TILE)
     elif M == 1:
         n_items = N
@@ -870,19 +852,21 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
         # An OpenMP region costs about a microsecond even on one thread: small calls skip it.
         item = n_items - 1
         while item >= 0:
-            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, item)
+            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap, item)
             item = item - 1
         if stream:
             fastbn_stream_fence()
-        return
-    with parallel(num_threads=nt):
-        lo = _share_end(n_items, 0)
-        item = _share_end(n_items, 1) - 1
-        while item >= lo:
-            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, item)
-            item = item - 1
-        if stream:
-            fastbn_stream_fence()
+    else:
+        with parallel(num_threads=nt):
+            lo = _share_end(n_items, 0)
+            item = _share_end(n_items, 1) - 1
+            while item >= lo:
+                _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap,
+                             item)
+                item = item - 1
+            if stream:
+                fastbn_stream_fence()
+    free(ext)
 
 
 # ---------------------------------------------------------------------------
