@@ -48,7 +48,10 @@ def summarize(args):
                 reports.append(json.load(f))
         except (OSError, ValueError) as err:
             raise SystemExit(f"cannot read a bench report from {path}: {err}") from None
-    print(bench_module.summary(reports, side=args.side, against=args.against))
+    try:
+        print(bench_module.summary(reports, side=args.side, against=args.against))
+    except ValueError as err:
+        raise SystemExit(f"summarize: {err}") from None
     return 0
 
 

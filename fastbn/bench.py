@@ -278,11 +278,20 @@ def summary(reports, side=None, against="torch", ops=("train", "infer", "backwar
     """
     if not reports:
         raise ValueError("summary needs at least one report")
+    if not all(isinstance(report, dict) and isinstance(report.get("results"), list)
+               for report in reports):
+        raise ValueError("reports must be bench reports (dicts with a 'results' list, as "
+                         "bench --json writes them)")
     results = [r for report in reports for r in report["results"]]
+    sides = list(dict.fromkeys(r["side"] for r in results))
     if side is None:
-        fastbn_sides = [r["side"] for r in results if r["side"] not in COMPARATORS]
+        fastbn_sides = [s for s in sides if s not in COMPARATORS]
         side = next((s for s in fastbn_sides if s != "numpy"), fastbn_sides[0] if fastbn_sides
                     else None)
+    for argument, value in (("side", side), ("against", against)):
+        if value not in sides:
+            raise ValueError(f"{argument} must be a side the reports measured ({', '.join(sides)}),"
+                             f" got {value!r}")
     cases = list(dict.fromkeys(r["case"] for r in results))
     ops = [op for op in ops if any(r["op"] == op for r in results)]
     runs = [{(r["case"], r["side"], r["op"]): r for r in report["results"]}

@@ -99,6 +99,12 @@ def test_summarize_takes_medians_over_runs_and_the_range_of_speedups():
     assert row == "| c | 2 | 3 | 1.50 (0.50-3.00) | 0.20 |"
     with pytest.raises(ValueError, match="at least one report"):
         bench.summary([])
+    with pytest.raises(ValueError, match="'results' list"):
+        bench.summary([{"copy_gbps": 20.0}])
+    with pytest.raises(ValueError, match="side must be a side the reports measured"):
+        bench.summary(reports, side="numba_cuda")
+    with pytest.raises(ValueError, match="against must be a side the reports measured"):
+        bench.summary(reports, against="tf")
 
 
 def test_summarize_command_reads_bench_json(tmp_path, capsys):
@@ -111,3 +117,5 @@ def test_summarize_command_reads_bench_json(tmp_path, capsys):
     assert "| c | 2 | 3 | 2.00 (1.00-3.00) | 0.20 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="cannot read a bench report"):
         main(["summarize", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="against must be a side"):
+        main(["summarize", paths[0], "--against", "tf"])
