@@ -139,6 +139,9 @@ def as_channel_vector(value, channels, dtype, argument):
 
     A Variable's value is copied: what is returned may be handed back to the caller.
     """
+    if type(value) is np.ndarray and value.shape == (channels,) and value.dtype.kind == "f":
+        # The usual case, a float vector: at most a conversion.
+        return np.ascontiguousarray(value, dtype)
     if isinstance(value, Variable):
         value = value._value.copy()
     if _is_channel_vector(value, channels, dtype):
@@ -202,12 +205,12 @@ def _out_view(out, axis):
     return channel_view(out, axis)
 
 
-def _finish(y3, x, out):
+def _finish(y3, x, out, out3):
+    """The result in x's shape: `out` when given (out3 being its (N, C, M) view, or None
+    where the backend was given none and `out` still has to be filled)."""
     if out is None:
         return y3.reshape(x.shape)
-    if is_device_array(out):
-        return out  # the CUDA backend wrote into it
-    if not np.shares_memory(y3, out):
+    if y3 is not out3 and not is_device_array(out):
         np.copyto(out, y3.reshape(x.shape))
     return out
 
@@ -442,7 +445,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     y3 = backends.get_for(x).infer_forward(
         x3, vec["mean"], vec["variance"], vec["scale"], offset_v, epsilon, out=out3,
         relu=relu_fused)
-    return as_caller_kind(_finish(y3, x, out), original)
+    return as_caller_kind(_finish(y3, x, out, out3), original)
 
 
 def _fused_activation(activation):
@@ -564,7 +567,7 @@ def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is
     if not is_training:
         y3 = backend.infer_forward(x3, mean, variance, scale, offset, epsilon, out=out3,
                                    relu=relu)
-        return _finish(y3, x, out), mean, variance
+        return _finish(y3, x, out, out3), mean, variance
     ct = scale.dtype
     y3, batch_mean, batch_var = backend.train_forward(x3, scale, offset, epsilon, out=out3,
                                                       relu=relu)
@@ -574,7 +577,7 @@ def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is
     if factor != 1.0:
         batch_mean = ((1.0 - factor) * mean + factor * batch_mean).astype(ct)
         batch_var = ((1.0 - factor) * variance + factor * batch_var).astype(ct)
-    return _finish(y3, x, out), batch_mean, batch_var
+    return _finish(y3, x, out, out3), batch_mean, batch_var
 
 
 # --------------------------------------------------------------------------
@@ -599,11 +602,11 @@ def batch_norm_backward(x, dy, axis, mean, variance, epsilon, scale, training, w
             return v
         return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), (channels,)))
 
+    out3 = _out_view(out, axis)
     dx3, sum_dy, sum_dy_xhat = backends.get_for(x).backward(
         channel_view(x, axis), channel_view(dy, axis), vector(mean), vector(variance),
-        vector(scale), float(epsilon), bool(training), weights=weights,
-        out=_out_view(out, axis))
-    return _finish(dx3, dy, out), sum_dy, sum_dy_xhat
+        vector(scale), float(epsilon), bool(training), weights=weights, out=out3)
+    return _finish(dx3, dy, out, out3), sum_dy, sum_dy_xhat
 
 
 def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_format="NHWC",
