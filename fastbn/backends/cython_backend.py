@@ -127,6 +127,14 @@ class ContentionGuard:
         """Accounts a call of `group` on `used` threads that took `seconds`."""
         if used <= 1:
             return
+        state = self._groups.get(group)
+        if (state is not None and state[3] == 0 and state[2] == self.FIRST_BACKOFF
+                and (seconds <= self.SLOW * state[0] or state[0] >= self.LONG)):
+            # An ordinary call, nothing to reset: no lock (a race could lose a new best
+            # time, never back a group off).
+            if seconds < state[0]:
+                state[0] = seconds
+            return
         with self._lock:
             if len(self._groups) >= self.MAX_GROUPS and group not in self._groups:
                 self._groups.clear()
@@ -168,6 +176,7 @@ class CythonBackend(Backend):
                 f"its compiled kernels are missing ({err}); reinstall fastbn with a C "
                 "compiler (pip install .)") from None
         self.openmp = self._k.openmp_enabled()
+        self._serial_below = self._k.serial_below
         mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
         self.stream_bytes = stream_bytes()
         self.guard = ContentionGuard()
@@ -176,24 +185,29 @@ class CythonBackend(Backend):
 
     def threads(self, size=None):
         """Threads for a kernel call (on `size` elements: small ones run on one)."""
-        if not self.openmp or (size is not None and size < self._k.serial_below):
+        if not self.openmp or (size is not None and size < self._serial_below):
             return 1
-        n = _integer_setting(NUM_THREADS_VAR, 1, "positive")
-        if n is None:
-            n = usable_cores()
-        return max(1, min(n, self._k.omp_max_threads()))
+        n = _integer_setting(NUM_THREADS_VAR, 1, "positive") or usable_cores()
+        limit = self._k.omp_max_threads()
+        return n if n <= limit else max(1, limit)
 
     # -- helpers -----------------------------------------------------------------
+    @staticmethod
+    def guard_group(kernel, x):
+        """The contention guard's group of a call of `kernel` on `x`."""
+        return kernel, x.shape, x.dtype.char
+
     def _run(self, kernel, size, *args):
         """kernel(*args, threads), with the thread count `threads(size)` and the guard's."""
         n = self.threads(size)
         if n <= 1:
             return kernel(*args, 1)
-        group = (kernel.__name__, args[0].shape, args[0].dtype)
-        used = self.guard.threads(group, n)
+        group = self.guard_group(kernel, args[0])
+        guard = self.guard
+        used = guard.threads(group, n)
         start = time.perf_counter()
         result = kernel(*args, used)
-        self.guard.record(group, used, time.perf_counter() - start)
+        guard.record(group, used, time.perf_counter() - start)
         return result
 
     @staticmethod
