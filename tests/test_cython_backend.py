@@ -21,8 +21,9 @@ except ImportError as err:
     raise ImportError(
         f"fastbn's compiled kernels are missing ({err}): tests import the checkout, so build "
         "them in place with `pip install -e .`") from None
-# Shapes above the kernels' serial threshold, in both layouts, with ragged blocks.
-SHAPES = [(5003, 37, 1), (12, 5, 2011), (3, 2, 40000)]
+# Shapes above the kernels' serial threshold, in both layouts, with ragged blocks (and
+# rows wider than one tile of channels, cut into even tiles of whole vectors).
+SHAPES = [(5003, 37, 1), (12, 5, 2011), (3, 2, 40000), (701, 300, 1)]
 
 
 def _bits(a):

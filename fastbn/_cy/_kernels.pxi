@@ -173,12 +173,19 @@ cdef Geometry _geometry(Py_ssize_t N, Py_ssize_t C, Py_ssize_t M) noexcept nogil
     g.C = C
     g.M = M
     if M == 1:
-        g.channel_tile = C if C < CHANNEL_TILE else CHANNEL_TILE
-        g.n_channel_tiles = (C + g.channel_tile - 1) // g.channel_tile
-        g.row_tile = BLOCK // g.channel_tile
+        # Tiles as even as the limits allow (channel tiles in whole vectors of 16), so
+        # that the threads' static shares of the blocks hold about the same data.
+        g.n_channel_tiles = (C + CHANNEL_TILE - 1) // CHANNEL_TILE
+        g.channel_tile = (C + g.n_channel_tiles - 1) // g.n_channel_tiles if C > 0 else 0
+        if g.n_channel_tiles > 1:
+            g.channel_tile = (g.channel_tile + 15) // 16 * 16
+            g.n_channel_tiles = (C + g.channel_tile - 1) // g.channel_tile
+        g.row_tile = BLOCK // g.channel_tile if g.channel_tile > 0 else 1
         if g.row_tile < 1:
             g.row_tile = 1
         g.n_row_tiles = (N + g.row_tile - 1) // g.row_tile
+        if g.n_row_tiles > 0:
+            g.row_tile = (N + g.n_row_tiles - 1) // g.n_row_tiles
         g.blocks_per_channel = g.n_row_tiles
     else:
         if M >= BLOCK:
