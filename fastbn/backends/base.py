@@ -41,13 +41,20 @@ class BackendUnavailable(RuntimeError):
     """Raised by a backend factory when the backend cannot work here; says why."""
 
 
+_ENCODED_NAMES = {}
+
+
 def environ_get(name):
     """`os.environ.get(name)`, without the KeyError os.environ raises and catches on a
-    miss (a microsecond or two per call, on every call of every op)."""
+    miss (a microsecond or two per call, on every call of every op), and with the name
+    encoded once."""
     data = getattr(os.environ, "_data", None)
     if data is None:
         return os.environ.get(name)
-    value = data.get(os.environ.encodekey(name))
+    key = _ENCODED_NAMES.get(name)
+    if key is None:
+        key = _ENCODED_NAMES[name] = os.environ.encodekey(name)
+    value = data.get(key)
     return None if value is None else os.environ.decodevalue(value)
 
 
