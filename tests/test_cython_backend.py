@@ -303,7 +303,7 @@ def test_gil_is_released_while_kernels_run():
 
 
 @pytest.mark.parametrize("case", ["outlier-first", "sorted", "offset", "constant"])
-@pytest.mark.parametrize("layout", ["rows", "runs"])
+@pytest.mark.parametrize("layout", ["rows", "wide-rows", "runs"])
 def test_statistics_stay_accurate_on_hard_data(backend, case, layout):
     rng = np.random.default_rng(7)
     n = 300_000
@@ -317,12 +317,14 @@ def test_statistics_stay_accurate_on_hard_data(backend, case, layout):
     elif case == "constant":
         x[:] = 1e4 + 0.25
     x = x.astype(np.float32)
-    data = x.reshape(-1, 1) if layout == "rows" else x.reshape(1, 1, -1)
-    axes = [0] if layout == "rows" else [0, 2]
+    # wide-rows: 300 channels, more than one tile of them (tiles of uneven data before).
+    data = {"rows": x.reshape(-1, 1), "wide-rows": x.reshape(-1, 300),
+            "runs": x.reshape(1, 1, -1)}[layout]
+    axes = [0, 2] if layout == "runs" else [0]
     mean, var = nn.moments(data, axes)
-    x64 = x.astype(np.float64)
-    np.testing.assert_allclose(mean, [x64.mean()], rtol=1e-7)
-    np.testing.assert_allclose(var, [x64.var()], rtol=1e-4, atol=1e-6)
+    x64 = data.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=tuple(axes)), rtol=1e-7)
+    np.testing.assert_allclose(var, x64.var(axis=tuple(axes)), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
