@@ -150,3 +150,17 @@ def test_entry_point_plugin(tmp_path):
                             env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_environ_get_sees_every_change(monkeypatch):
+    """The name's encoding is kept between calls, never the value."""
+    from fastbn.backends.base import environ_get
+
+    monkeypatch.delenv("FASTBN_TEST_SETTING", raising=False)
+    assert environ_get("FASTBN_TEST_SETTING") is None
+    monkeypatch.setenv("FASTBN_TEST_SETTING", "3")
+    assert environ_get("FASTBN_TEST_SETTING") == "3"
+    monkeypatch.setenv("FASTBN_TEST_SETTING", "4")
+    assert environ_get("FASTBN_TEST_SETTING") == "4"
+    monkeypatch.delenv("FASTBN_TEST_SETTING")
+    assert environ_get("FASTBN_TEST_SETTING") is None

@@ -156,6 +156,28 @@ def test_out_buffer(backend, dtype):
     np.testing.assert_array_equal(inplace, ref)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_non_contiguous_out_of_the_fused_ops(backend, dtype, data_format):
+    """An out= buffer the kernels cannot write through is filled from their result."""
+    x = _data((6, 4, 3, 5), dtype)
+    c = x.shape[-1] if data_format == "NHWC" else x.shape[1]
+    dy = _data(x.shape, dtype, loc=0.0, seed=1)
+    ref, mean, var = nn.fused_batch_norm(x, np.ones(c), np.zeros(c), data_format=data_format)
+    out = np.empty((6, 4, 3, 10), dtype)[..., ::2]
+    y, _, _ = nn.fused_batch_norm(x, np.ones(c), np.zeros(c), data_format=data_format, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, ref)
+    biased = var.astype(np.float64) * (x.size // c - 1) / (x.size // c)
+    dref, _, _ = nn.fused_batch_norm_grad(dy, x, np.ones(c), mean, biased,
+                                          data_format=data_format)
+    dout = np.empty((6, 4, 3, 10), dtype)[..., 1::2]
+    dx, _, _ = nn.fused_batch_norm_grad(dy, x, np.ones(c), mean, biased,
+                                        data_format=data_format, out=dout)
+    assert dx is dout
+    np.testing.assert_array_equal(dout, dref)
+
+
 def test_out_buffer_checks():
     x = _data((4, 3))
     with pytest.raises(ValueError, match="out must have the input's shape"):
