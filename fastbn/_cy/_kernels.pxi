@@ -180,9 +180,8 @@ cdef Geometry _geometry(Py_ssize_t N, Py_ssize_t C, Py_ssize_t M) noexcept nogil
         if g.n_channel_tiles > 1:
             g.channel_tile = (g.channel_tile + 15) // 16 * 16
             g.n_channel_tiles = (C + g.channel_tile - 1) // g.channel_tile
+        # (At most CHANNEL_TILE channels: BLOCK // channel_tile is at least 128 rows.)
         g.row_tile = BLOCK // g.channel_tile if g.channel_tile > 0 else 1
-        if g.row_tile < 1:
-            g.row_tile = 1
         g.n_row_tiles = (N + g.row_tile - 1) // g.row_tile
         if g.n_row_tiles > 0:
             g.row_tile = (N + g.n_row_tiles - 1) // g.n_row_tiles
@@ -822,7 +821,6 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
         _affine_run_out(x + item * M, _offset(dy, item * M), y + item * M, M,
                         m[c], k[c], b[c], 0 if a == NULL else a[c],
                         _offset(wt, (item // C) * ws_n), ws_m, relu, stream)
-
 
 
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,

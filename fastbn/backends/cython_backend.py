@@ -123,13 +123,17 @@ class ContentionGuard:
             state[1] -= 1
         return 1
 
+    def _ordinary(self, state, seconds):
+        """Whether a call of `seconds` is not slow for its group's `state`."""
+        return seconds <= self.SLOW * state[0] or state[0] >= self.LONG
+
     def record(self, group, used, seconds):
         """Accounts a call of `group` on `used` threads that took `seconds`."""
         if used <= 1:
             return
         state = self._groups.get(group)
         if (state is not None and state[3] == 0 and state[2] == self.FIRST_BACKOFF
-                and (seconds <= self.SLOW * state[0] or state[0] >= self.LONG)):
+                and self._ordinary(state, seconds)):
             # An ordinary call, nothing to reset: no lock (a race could lose a new best
             # time, never back a group off).
             if seconds < state[0]:
@@ -139,7 +143,7 @@ class ContentionGuard:
             if len(self._groups) >= self.MAX_GROUPS and group not in self._groups:
                 self._groups.clear()
             state = self._groups.setdefault(group, [seconds, 0, self.FIRST_BACKOFF, 0])
-            if seconds <= self.SLOW * state[0] or state[0] >= self.LONG:
+            if self._ordinary(state, seconds):
                 state[0] = min(state[0], seconds)
                 state[2] = self.FIRST_BACKOFF
                 state[3] = 0
