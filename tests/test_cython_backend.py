@@ -168,6 +168,37 @@ def test_streamed_outputs_match_plain_stores(kernels, dtype, shape):
                                        atol=4 * np.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", STREAM_SHAPES + [(701, 300, 1), (40, 64, 1)])
+def test_same_bits_wherever_the_arrays_start(kernels, dtype, shape):
+    """Where the input and the output start moves where the loops switch from their
+    heads to whole vectors, not what they compute."""
+    x0 = _data(shape, dtype)
+    dy0 = _data(shape, dtype, seed=1, loc=0.0)
+    c = shape[1]
+    m, k, b, a = (np.linspace(lo, hi, c).astype(dtype)
+                  for lo, hi in ((-1, 1), (0.5, 2), (-2, 3), (1, 1.5)))
+    scale = np.linspace(0.5, 2, c)
+    mean, var = kernels.moments(x0, None, 1)
+
+    def run(x_shift, out_shift):
+        x, dy = _misaligned_like(x0, x_shift), _misaligned_like(dy0, x_shift)
+        x[...], dy[...] = x0, dy0
+        out = [_misaligned_like(x0, out_shift) for _ in range(5)]
+        kernels.normalize(x, out[0], m, k, b, True, False, 2)
+        kernels.infer_forward(x, out[1], m, var, scale, b, 1e-3, False, False, 2)
+        stats = kernels.train_forward(x, out[2], scale.astype(dtype), b, 1e-3, False, False, 2)
+        kernels.grad_input(x, dy, out[3], m, k, b, a, None, False, 2)
+        sums = kernels.backward(x, dy, out[4], mean, var, scale, 1e-3, True, None, False, 2)
+        return [_bits(r) for r in [*out, *stats, *sums, *kernels.moments(x, None, 2)]]
+
+    expected = run(0, 0)
+    for x_shift, out_shift in ((1, 1), (3, 3), (4, 4), (2, 7), (0, 5)):
+        for got, want in zip(run(x_shift, out_shift), expected):
+            np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("with_scale", [True, False])
 def test_fused_inference_matches_the_protocol_composition(dtype, with_scale):

@@ -109,6 +109,10 @@ DEF NORM_ROWS = 8
 # PIECE_LINES lines at a time into a buffer on the stack: small enough to alternate
 # reading and writing memory finely, large enough for the loops to vectorise.
 DEF LINE_BYTES = 64
+# Plain (cached) stores start at a multiple of this, where the ends allow: a vector
+# that straddles two cache lines costs two accesses, and NumPy's large arrays start
+# 16 bytes past a line, which would straddle every other vector of 32 bytes.
+DEF VECTOR_BYTES = 32
 DEF LINE_FLOATS = LINE_BYTES // 4
 DEF PIECE_LINES = 4
 # Rows of at most NORM_TILE channels are cut into stretches of this many elements,
@@ -629,13 +633,15 @@ cdef inline void _stream_line(floating* dst, const floating* src) noexcept nogil
         fastbn_stream_line_f64(dst, src)
 
 
-cdef inline Py_ssize_t _to_line(const floating* y, Py_ssize_t n) noexcept nogil:
-    """Elements before y reaches a cache-line boundary (all n where y is misaligned)."""
+cdef inline Py_ssize_t _to_boundary(const floating* y, Py_ssize_t n,
+                                    size_t boundary) noexcept nogil:
+    """Elements before y reaches a multiple of `boundary` bytes (all n where y is
+    misaligned to its own type)."""
     cdef size_t address = <size_t>y
     cdef Py_ssize_t h
     if address % sizeof(floating) != 0:
         return n
-    h = <Py_ssize_t>(((LINE_BYTES - address % LINE_BYTES) % LINE_BYTES) // sizeof(floating))
+    h = <Py_ssize_t>(((boundary - address % boundary) % boundary) // sizeof(floating))
     return h if h < n else n
 
 
@@ -690,16 +696,14 @@ cdef inline void _affine_row_out(const floating* xr, const floating* gr, floatin
                                  Py_ssize_t n, const floating* m, const floating* k,
                                  const floating* b, const floating* a, floating wr, bint relu,
                                  bint stream) noexcept nogil:
-    """_affine_row; `stream`: yr's whole cache lines computed a few at a time into a stack
+    """_affine_row, its vectors stored from yr's first vector boundary on (a short head
+    before it); `stream`: yr's whole cache lines computed a few at a time into a stack
     buffer and streamed from it, the unaligned ends stored plainly."""
     cdef floating piece[PIECE_LINES * LINE_FLOATS]
-    cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), j, i, lines
-    if not stream:
-        _affine_row(xr, gr, yr, n, m, k, b, a, wr, relu)
-        return
-    j = _to_line(yr, n)
+    cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), i, lines
+    cdef Py_ssize_t j = _to_boundary(yr, n, LINE_BYTES if stream else VECTOR_BYTES)
     _affine_row(xr, gr, yr, j, m, k, b, a, wr, relu)
-    while j + per <= n:
+    while stream and j + per <= n:
         lines = (n - j) // per if (n - j) // per < PIECE_LINES else PIECE_LINES
         _affine_row(xr + j, _offset(gr, j), piece, lines * per, m + j, k + j, b + j,
                     _offset(a, j), wr, relu)
@@ -716,13 +720,10 @@ cdef inline void _affine_run_out(const floating* xr, const floating* gr, floatin
                                  bint stream) noexcept nogil:
     """_affine_run; `stream`: as in _affine_row_out."""
     cdef floating piece[PIECE_LINES * LINE_FLOATS]
-    cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), j, i, lines
-    if not stream:
-        _affine_run(xr, gr, yr, n, mc, kc, bc, ac, wr, ws, relu)
-        return
-    j = _to_line(yr, n)
+    cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), i, lines
+    cdef Py_ssize_t j = _to_boundary(yr, n, LINE_BYTES if stream else VECTOR_BYTES)
     _affine_run(xr, gr, yr, j, mc, kc, bc, ac, wr, ws, relu)
-    while j + per <= n:
+    while stream and j + per <= n:
         lines = (n - j) // per if (n - j) // per < PIECE_LINES else PIECE_LINES
         _affine_run(xr + j, _offset(gr, j), piece, lines * per, mc, kc, bc, ac,
                     _offset(wr, j * ws), ws, relu)
@@ -742,12 +743,14 @@ cdef void _affine_stretch(const floating* x, const floating* dy, floating* y, Py
     (p[i] = p[i % C], i < C + wrap), so that any `wrap` elements read them contiguously."""
     cdef floating piece[PIECE_LINES * LINE_FLOATS]
     cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), e = e0, n, i, c
-    cdef Py_ssize_t head_end = e1 if not stream else e0 + _to_line(y + e0, e1 - e0)
+    cdef Py_ssize_t head_end = e0 + _to_boundary(y + e0, e1 - e0,
+                                                 LINE_BYTES if stream else VECTOR_BYTES)
     while e < e1:
         c = e % C
-        if e < head_end or e + per > e1:
+        if e < head_end or e + per > e1 or not stream:
             # Plain stores: the ends of a streamed stretch (or all of it, where y is
-            # misaligned to its own type), or a stretch not streamed.
+            # misaligned to its own type), or a stretch not streamed, whose head runs
+            # up to y's first vector boundary so that the rest stores whole vectors.
             n = (head_end if e < head_end else e1) - e
             n = n if n < wrap else wrap
             _affine_row(x + e, _offset(dy, e), y + e, n, mx + c, kx + c, bx + c, _offset(ax, c),
@@ -774,14 +777,24 @@ cdef inline void _wrapped(floating* ext, const floating* p, Py_ssize_t C,
 
 
 cdef floating* _wrapped_parameters(const floating* m, const floating* k, const floating* b,
-                                  const floating* a, Py_ssize_t C,
-                                  Py_ssize_t wrap) noexcept nogil:
+                                  const floating* a, Py_ssize_t C, Py_ssize_t wrap,
+                                  const floating* phase, void** block) noexcept nogil:
     """m, k, b (and a, where given) one after another, each extended by wrapping to
-    C + wrap elements, for _affine_stretch; NULL where they cannot be allocated."""
+    C + wrap elements, for _affine_stretch; NULL where they cannot be allocated.
+
+    They start at the same offset within a vector as `phase` (the input): where C is
+    a multiple of the vector, p + c is then aligned wherever x + e is.  `block`
+    receives the allocation to free."""
     cdef Py_ssize_t width = C + wrap
-    cdef floating* ext = <floating*>malloc(4 * width * sizeof(floating))
-    if ext == NULL:
+    cdef char* raw = <char*>malloc(4 * width * sizeof(floating) + VECTOR_BYTES)
+    cdef size_t shift
+    if raw == NULL:
         return NULL
+    block[0] = raw
+    shift = (<size_t>phase - <size_t>raw) % VECTOR_BYTES
+    if shift % sizeof(floating) != 0:
+        shift = 0
+    cdef floating* ext = <floating*>(raw + shift)
     _wrapped(ext, m, C, width)
     _wrapped(ext + width, k, C, width)
     _wrapped(ext + 2 * width, b, C, width)
@@ -842,9 +855,10 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item, lo, wrap = 0
     cdef int nt = _threads(N * C * M, n_threads)
     cdef floating* ext = NULL
+    cdef void* ext_block = NULL
     if M == 1 and C <= NORM_TILE and wt == NULL:
         wrap = N * C if N * C < WRAP else WRAP
-        ext = _wrapped_parameters(m, k, b, a, C, wrap)
+        ext = _wrapped_parameters(m, k, b, a, C, wrap, x, &ext_block)
     if ext != NULL:
         n_items = (N * C + STRETCH - 1) // STRETCH
     elif M == 1 and C > NORM_TILE:
@@ -871,7 +885,7 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
                 item = item - 1
             if stream:
                 fastbn_stream_fence()
-    free(ext)
+    free(ext_block)
 
 
 # ---------------------------------------------------------------------------
