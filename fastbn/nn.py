@@ -167,10 +167,14 @@ def channel_axis(data_format, ndim, argument="data_format"):
     )
 
 
+def channel_shape(shape, axis):
+    """The (N, C, M) shape that puts the channel axis `axis` of `shape` in the middle."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
 def channel_view(x, axis):
     """`x` as an (N, C, M) array with the channel axis `axis` in the middle."""
-    shape = x.shape
-    return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
+    return x.reshape(channel_shape(x.shape, axis))
 
 
 def check_out(out, x, argument="out"):
@@ -194,15 +198,16 @@ def check_out(out, x, argument="out"):
     return out
 
 
-def _out_view(out, axis):
-    """The (N, C, M) view of `out` if it can be written through one, else None."""
+def _out_view(out, shape3):
+    """`out` reshaped to the channel shape `shape3` if it can be written through such a
+    view, else None."""
     if out is None:
         return None
     if is_device_array(out):
-        return channel_view(_device_view(out, "out"), axis)
+        return _device_view(out, "out").reshape(shape3)
     if not out.flags.c_contiguous:
         return None
-    return channel_view(out, axis)
+    return out.reshape(shape3)
 
 
 def _finish(y3, x, out, out3):
@@ -432,8 +437,9 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
             out3 = out.reshape(-1, 1, 1)
         channels = 1
     else:
-        x3 = channel_view(x, axis)
-        out3 = _out_view(out, axis)
+        shape3 = channel_shape(x.shape, axis)
+        x3 = x.reshape(shape3)
+        out3 = _out_view(out, shape3)
         channels = x.shape[axis]
     ct = compute_dtype(x.dtype)
     vec = {
@@ -561,8 +567,9 @@ def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is
     vectors in x's compute dtype; epsilon has its floor applied; training
     input is not empty.
     """
-    x3 = channel_view(x, axis)
-    out3 = _out_view(out, axis)
+    shape3 = channel_shape(x.shape, axis)
+    x3 = x.reshape(shape3)
+    out3 = _out_view(out, shape3)
     backend = backends.get_for(x)
     if not is_training:
         y3 = backend.infer_forward(x3, mean, variance, scale, offset, epsilon, out=out3,
@@ -595,18 +602,24 @@ def batch_norm_backward(x, dy, axis, mean, variance, epsilon, scale, training, w
     `(dx, sum_dy, sum_dy_xhat)`: dx in dy's dtype, and the float64 per-channel
     sums the parameter gradients are made of.
     """
-    channels = x.shape[axis]
-
-    def vector(v):
-        if _is_channel_vector(v, channels, _F64):
-            return v
-        return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), (channels,)))
-
-    out3 = _out_view(out, axis)
+    shape3 = channel_shape(x.shape, axis)
+    out3 = _out_view(out, shape3)
+    channels = shape3[1]
+    ct = compute_dtype(x.dtype)
     dx3, sum_dy, sum_dy_xhat = backends.get_for(x).backward(
-        channel_view(x, axis), channel_view(dy, axis), vector(mean), vector(variance),
-        vector(scale), float(epsilon), bool(training), weights=weights, out=out3)
+        x.reshape(shape3), dy.reshape(shape3), _backward_vector(mean, channels, ct),
+        _backward_vector(variance, channels, ct), _backward_vector(scale, channels, ct),
+        float(epsilon), bool(training), weights=weights, out=out3)
     return _finish(dx3, dy, out, out3), sum_dy, sum_dy_xhat
+
+
+def _backward_vector(value, channels, ct):
+    """A per-channel value (a vector, or a scalar for all channels) as a backend's
+    backward takes it: a contiguous vector in float64, or in the compute dtype `ct`
+    where it is one already."""
+    if _is_channel_vector(value, channels, _F64) or _is_channel_vector(value, channels, ct):
+        return value
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float64), (channels,)))
 
 
 def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_format="NHWC",
@@ -640,14 +653,15 @@ def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_form
         raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
-    scale_v = as_channel_vector(scale, channels, np.float64, "scale")
-    mean_v = as_channel_vector(mean, channels, np.float64, "mean")
-    var_v = as_channel_vector(variance, channels, np.float64, "variance")
+    # In the compute dtype, as given (the backends compute in float64 from them).
+    ct = compute_dtype(x.dtype)
+    scale_v = as_channel_vector(scale, channels, ct, "scale")
+    mean_v = as_channel_vector(mean, channels, ct, "mean")
+    var_v = as_channel_vector(variance, channels, ct, "variance")
     if out is not None:
         check_out(out, x)
     dx, sum_dy, sum_dy_xhat = batch_norm_backward(x, dy, axis, mean_v, var_v, epsilon, scale_v,
                                                   is_training, out=out)
-    ct = compute_dtype(x.dtype)
     return as_caller_kind(dx, original), sum_dy_xhat.astype(ct), sum_dy.astype(ct)
 
 

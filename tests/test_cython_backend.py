@@ -199,6 +199,35 @@ def test_same_bits_wherever_the_arrays_start(kernels, dtype, shape):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
+@pytest.mark.parametrize("shape", [(301, 7, 1), (5, 4, 301)])
+def test_statistics_vectors_in_the_data_type_or_float64(kernels, shape):
+    """Inference and the backward take variance, scale (and mean) as float32 vectors for
+    float32 data, converted exactly: the same bits as from float64 vectors of the same
+    values.  Anything else is refused, naming the argument."""
+    x = _data(shape, np.float32)
+    dy = _data(shape, np.float32, seed=1, loc=0.0)
+    c = shape[1]
+    m, v, s, b = (np.linspace(lo, hi, c).astype(np.float32)
+                  for lo, hi in ((2, 4), (0.5, 2), (-1, 1), (0, 1)))
+    results = []
+    for vec in (lambda a: a, lambda a: a.astype(np.float64)):
+        y, dx = np.empty_like(x), np.empty_like(x)
+        kernels.infer_forward(x, y, m, vec(v), vec(s), b, 1e-3, False, False, 2)
+        sums = kernels.backward(x, dy, dx, vec(m), vec(v), vec(s), 1e-3, True, None, False, 2)
+        results.append([_bits(a) for a in (y, dx, *sums)])
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+    y = np.empty_like(x)
+    with pytest.raises(TypeError, match="variance"):
+        kernels.infer_forward(x, y, m, v.astype(np.float16), s, b, 1e-3, False, False, 2)
+    with pytest.raises(ValueError, match="scale"):
+        kernels.backward(x, dy, y, m, v, s[:-1], 1e-3, True, None, False, 2)
+    with pytest.raises(TypeError, match="mean"):
+        kernels.backward(x.astype(np.float64), dy.astype(np.float64), y.astype(np.float64), m,
+                         v, s, 1e-3, True, None, False, 2)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("with_scale", [True, False])
 def test_fused_inference_matches_the_protocol_composition(dtype, with_scale):

@@ -1042,13 +1042,38 @@ cdef inline bint _is_float32(cnp.ndarray x) except -1:
     raise TypeError("x must be float32 or float64")
 
 
-cdef double* _workspace(Geometry* g) except NULL:
-    """Per-block statistics (3 x blocks x C doubles) and a spare vector of C doubles in
-    one allocation; afterwards its start holds four per-channel vectors."""
-    cdef double* w = <double*>malloc((3 * g.blocks_per_channel + 1) * g.C * sizeof(double) + 8)
+cdef double* _workspace(Geometry* g, Py_ssize_t extra=0) except NULL:
+    """Per-block statistics (3 x blocks x C doubles), a spare vector of C doubles and
+    `extra` vectors more, in one allocation; after the blocks are merged, its start
+    holds four per-channel vectors."""
+    cdef double* w = <double*>malloc((3 * g.blocks_per_channel + 1 + extra) * g.C
+                                     * sizeof(double) + 8)
     if w == NULL:
         raise MemoryError()
     return w
+
+
+cdef inline void _check_vector(cnp.ndarray v, int t, Py_ssize_t C, str what) except *:
+    """Raises unless v is a C-contiguous vector of C values of x's dtype `t` or float64."""
+    if v.ndim != 1 or v.shape[0] != C:
+        raise ValueError(f"{what} must be a vector of one value per channel")
+    if cnp.PyArray_TYPE(v) != cnp.NPY_FLOAT64:
+        _require(v, t, what)
+    elif not cnp.PyArray_IS_C_CONTIGUOUS(v):
+        raise TypeError(f"{what} must be a C-contiguous array")
+
+
+cdef inline const double* _doubles(cnp.ndarray v, double* scratch):
+    """A vector that passed _check_vector as doubles: its own data where it is float64,
+    else converted from float32 into `scratch` (room for its values)."""
+    cdef Py_ssize_t c
+    cdef const float* f
+    if cnp.PyArray_TYPE(v) == cnp.NPY_FLOAT64:
+        return <const double*>cnp.PyArray_DATA(v)
+    f = <const float*>cnp.PyArray_DATA(v)
+    for c in range(v.shape[0]):
+        scratch[c] = f[c]
+    return scratch
 
 
 def moments(cnp.ndarray x, object weights, int n_threads):
@@ -1226,37 +1251,33 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     max(out, 0) if relu): inference with given statistics; out may be x.
 
     x and out: C-contiguous (N, C, M) of one dtype; mean and offset: vectors of that
-    dtype; variance and scale (or None for 1): float64 vectors.  `stream`: as for
-    normalize.
+    dtype; variance and scale (or None for 1): vectors of that dtype or float64.
+    `stream`: as for normalize.
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
     for arr, what in ((x, "x"), (out, "out"), (mean, "mean"), (offset, "offset")):
         _require(arr, t, what)
-    _require(variance, cnp.NPY_FLOAT64, "variance")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
-    cdef const double* sp = NULL
-    cdef cnp.ndarray sarr
-    if scale is not None:
-        sarr = scale
-        _require(sarr, cnp.NPY_FLOAT64, "scale")
-        if sarr.shape[0] != C:
-            raise ValueError("infer_forward: shapes do not match")
-        sp = <const double*>cnp.PyArray_DATA(sarr)
     if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
-            or variance.shape[0] != C or offset.shape[0] != C:
+            or offset.shape[0] != C:
         raise ValueError("infer_forward: shapes do not match")
+    _check_vector(variance, t, C, "variance")
+    if scale is not None:
+        _check_vector(scale, t, C, "scale")
     if N * C * M == 0:
         return
+    # The multipliers in the data type, then room for variance and scale as doubles.
+    cdef double* kv = <double*>malloc(3 * C * sizeof(double) + 8)
+    if kv == NULL:
+        raise MemoryError()
+    cdef const double* vp = _doubles(variance, kv + C)
+    cdef const double* sp = NULL if scale is None else _doubles(scale, kv + 2 * C)
     cdef Geometry g = _geometry(N, C, M)
     cdef void* xp = cnp.PyArray_DATA(x)
     cdef void* yp = cnp.PyArray_DATA(out)
     cdef void* mp = cnp.PyArray_DATA(mean)
-    cdef const double* vp = <const double*>cnp.PyArray_DATA(variance)
     cdef void* op = cnp.PyArray_DATA(offset)
-    cdef void* kv = malloc(C * sizeof(double) + 8)
-    if kv == NULL:
-        raise MemoryError()
     with nogil:
         if f32:
             _infer(<const float*>xp, <float*>yp, &g, <const float*>mp, vp, sp,
@@ -1501,20 +1522,19 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     """Fused input gradient: per-channel sums in one read of x and dy, then dx.
 
     x, dy, out: C-contiguous (N, C, M) of one dtype (out may be dy); mean, variance,
-    scale: float64 vectors; weights: None or (N, 1, M) of x's dtype; `stream`: as for
-    normalize.  Returns (sum(dy), sum(dy * x_hat)) as float64 vectors.
+    scale: vectors of that dtype or float64; weights: None or (N, 1, M) of x's dtype;
+    `stream`: as for normalize.  Returns (sum(dy), sum(dy * x_hat)) as float64 vectors.
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
     for arr, what in ((x, "x"), (dy, "dy"), (out, "out")):
         _require(arr, t, what)
-    for arr, what in ((mean, "mean"), (variance, "variance"), (scale, "scale")):
-        _require(arr, cnp.NPY_FLOAT64, what)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if dy.shape[0] != N or dy.shape[1] != C or dy.shape[2] != M or out.shape[0] != N \
-            or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
-            or variance.shape[0] != C or scale.shape[0] != C:
+            or out.shape[1] != C or out.shape[2] != M:
         raise ValueError("backward: shapes do not match")
+    for arr, what in ((mean, "mean"), (variance, "variance"), (scale, "scale")):
+        _check_vector(arr, t, C, what)
     cdef void* wt = NULL
     cdef Py_ssize_t ws_n = 0, ws_m = 0
     cdef double total = <double>(N * M)
@@ -1536,12 +1556,14 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     cdef void* xp = cnp.PyArray_DATA(x)
     cdef void* gp = cnp.PyArray_DATA(dy)
     cdef void* op = cnp.PyArray_DATA(out)
-    cdef const double* mp = <const double*>cnp.PyArray_DATA(mean)
-    cdef const double* vp = <const double*>cnp.PyArray_DATA(variance)
-    cdef const double* sp = <const double*>cnp.PyArray_DATA(scale)
     cdef double* s1 = <double*>cnp.PyArray_DATA(sum_dy)
     cdef double* s2 = <double*>cnp.PyArray_DATA(sum_dy_xhat)
-    cdef double* work = _workspace(&g)
+    # The vectors as doubles after the workspace's blocks (see _workspace).
+    cdef double* work = _workspace(&g, 3)
+    cdef double* room = work + (3 * g.blocks_per_channel + 1) * C
+    cdef const double* mp = _doubles(mean, room)
+    cdef const double* vp = _doubles(variance, room + C)
+    cdef const double* sp = _doubles(scale, room + 2 * C)
     with nogil:
         if f32:
             _backward(<float*>NULL, <const float*>xp, <const float*>gp, <float*>op, &g, mp, vp,

@@ -159,9 +159,11 @@ class Backend:
 
         With `training`, mean and variance are the batch's (weighted by `weights`
         per position when given) and the gradient flows through them; otherwise
-        they are constants.  mean, variance and scale are float64 vectors.
+        they are constants.  mean, variance and scale are vectors in the compute
+        dtype or in float64; the arithmetic on them is float64.
         Returns `(dx, sum_dy, sum_dy_xhat)`: dx in dy's dtype, the sums float64.
         """
+        mean, variance, scale = (np.asarray(v, np.float64) for v in (mean, variance, scale))
         inv = 1.0 / np.sqrt(variance + epsilon)
         sum_dy, sum_dy_xc = self.grad_reductions(x, dy, mean)
         sum_dy_xhat = sum_dy_xc * inv

@@ -228,6 +228,13 @@ class CythonBackend(Backend):
             return out
         return np.empty(xk.shape, xk.dtype)
 
+    @staticmethod
+    def _vector(v, ct):
+        """A per-channel vector as the kernels take it: float64 as it is, else in `ct`."""
+        if v.dtype == np.float64 and v.flags.c_contiguous:
+            return v
+        return np.ascontiguousarray(v, ct)
+
     def _stream(self, y):
         return y.nbytes >= self.stream_bytes
 
@@ -266,8 +273,8 @@ class CythonBackend(Backend):
         y = self._output(x, xk, out)
         self._run(
             self._k.infer_forward, xk.size, xk, y, np.ascontiguousarray(mean, ct),
-            np.ascontiguousarray(variance, np.float64),
-            None if scale is None else np.ascontiguousarray(scale, np.float64),
+            np.ascontiguousarray(variance, ct),
+            None if scale is None else np.ascontiguousarray(scale, ct),
             np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y))
         return self._finish(x, y, out)
 
@@ -303,10 +310,10 @@ class CythonBackend(Backend):
         dk = self._input(dy)
         y = self._output(dy, dk, out)
         w = position_weights(weights, dk)
+        vector, ct = self._vector, dk.dtype
         sum_dy, sum_dy_xhat = self._run(
-            self._k.backward, dk.size, xk, dk, y, np.ascontiguousarray(mean, np.float64),
-            np.ascontiguousarray(variance, np.float64), np.ascontiguousarray(scale, np.float64),
-            float(epsilon), bool(training), w, self._stream(y))
+            self._k.backward, dk.size, xk, dk, y, vector(mean, ct), vector(variance, ct),
+            vector(scale, ct), float(epsilon), bool(training), w, self._stream(y))
         return self._finish(dy, y, out), sum_dy, sum_dy_xhat
 
 
