@@ -1,8 +1,10 @@
 """The backend registry: selection, errors, plugins."""
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +166,21 @@ def test_environ_get_sees_every_change(monkeypatch):
     assert environ_get("FASTBN_TEST_SETTING") == "4"
     monkeypatch.delenv("FASTBN_TEST_SETTING")
     assert environ_get("FASTBN_TEST_SETTING") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_usable_cores_follows_the_affinity():
+    """The count is re-read at most CORES_READ_EVERY seconds after the last reading."""
+    from fastbn.backends import base
+
+    allowed = os.sched_getaffinity(0)
+    time.sleep(base.CORES_READ_EVERY)
+    assert backends.usable_cores() == len(allowed)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        time.sleep(base.CORES_READ_EVERY)
+        assert backends.usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    time.sleep(base.CORES_READ_EVERY)
+    assert backends.usable_cores() == len(allowed)

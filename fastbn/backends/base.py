@@ -30,6 +30,7 @@ with fused kernels.
 """
 
 import os
+import time
 
 import numpy as np
 
@@ -58,12 +59,24 @@ def environ_get(name):
     return None if value is None else os.environ.decodevalue(value)
 
 
+# Seconds for which usable_cores() trusts its last reading: asked on every kernel call,
+# the affinity's system call costs about a microsecond after a kernel has run.
+CORES_READ_EVERY = 0.1
+_cores_read = [0, -CORES_READ_EVERY]
+
+
 def usable_cores():
-    """The CPU cores this process may run on (its affinity), else the machine's count."""
+    """The CPU cores this process may run on (its affinity, as read within the last
+    CORES_READ_EVERY seconds), else the machine's count."""
+    now = time.monotonic()
+    if now - _cores_read[1] < CORES_READ_EVERY:
+        return _cores_read[0]
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    _cores_read[0], _cores_read[1] = n, now
+    return n
 
 
 def position_weights(weights, like):
