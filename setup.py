@@ -1,8 +1,9 @@
 """Build script: the one place that knows compiler flags.
 
 Builds the Cython kernels twice from one source: `kernels_baseline` for any
-CPU of the target architecture, and on x86-64 `kernels_avx2` with AVX2/FMA,
-which fastbn loads at run time only where the CPU has them (no -march=native:
+CPU of the target architecture, and on x86-64 `kernels_avx2` with AVX2/FMA
+(and F16C, for float16 data), which fastbn loads at run time only where the CPU
+has them (no -march=native:
 a wheel must run on any x86-64).  OpenMP is used where the compiler has it;
 otherwise the build is serial, says so here, and `python -m fastbn info`
 says so too.
@@ -25,6 +26,8 @@ OPTIMIZE = ["-O3"]
 # sqrt() that need not set errno vectorises (the per-channel factors of a call).
 NO_ERRNO = ["-fno-math-errno"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+# Every CPU with AVX2 and FMA has F16C (half-precision conversions) too.
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 
 
 def _compiler():
@@ -67,10 +70,9 @@ def extensions():
                   extra_link_args=openmp)
     exts = [Extension("fastbn._cy.kernels_baseline", ["fastbn/_cy/kernels_baseline.pyx"],
                       extra_compile_args=optimize + openmp, **common)]
-    if X86_64 and _compiles(["-mavx2", "-mfma"]):
+    if X86_64 and _compiles(AVX2):
         exts.append(Extension("fastbn._cy.kernels_avx2", ["fastbn/_cy/kernels_avx2.pyx"],
-                              extra_compile_args=optimize + openmp + ["-mavx2", "-mfma"],
-                              **common))
+                              extra_compile_args=optimize + openmp + AVX2, **common))
     return cythonize(exts, compiler_directives={"language_level": 3}, quiet=True)
 
 

@@ -228,6 +228,79 @@ def test_statistics_vectors_in_the_data_type_or_float64(kernels, shape):
                          v, s, 1e-3, True, None, False, 2)
 
 
+def _same_floats(got, want):
+    """Equal bit for bit, NaN where NaN (whatever its payload)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(_bits16(got[~nan]), _bits16(want[~nan]))
+
+
+def _bits16(a):
+    return a.view({2: np.uint16, 4: np.uint32}[a.itemsize])
+
+
+HALF_KERNELS = [k for k in KERNELS if k.f16c_enabled()]
+
+
+@pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 100003])
+def test_float16_conversions_match_numpy(n):
+    """Exact widening, and rounding to nearest even as NumPy's astype: overflow to inf,
+    subnormals, ties, signed zeros, NaN."""
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, -70000,
+                        2.0 ** -24, 3 * 2.0 ** -25, 2.0 ** -25, 1e-9, 1 + 2.0 ** -11,
+                        1 + 3 * 2.0 ** -11, -(1 + 2.0 ** -11), 6.1e-5, 0.1, 1 / 3],
+                       np.float32)
+    rng = np.random.default_rng(n)
+    floats = (rng.standard_normal(n) * np.exp2(rng.integers(-30, 20, n))).astype(np.float32)
+    floats[:min(n, special.size)] = special[:n]
+    with np.errstate(over="ignore"):
+        halves = floats.astype(np.float16)
+    for kernels in HALF_KERNELS:
+        got = np.empty(n, np.float16)
+        kernels.floats_to_halves(floats, got, 2)
+        _same_floats(got, halves)
+        wide = np.empty(n, np.float32)
+        kernels.halves_to_floats(halves, wide, 2)
+        _same_floats(wide, halves.astype(np.float32))
+
+
+def test_float16_conversions_only_where_built():
+    for kernels in KERNELS:
+        if not kernels.f16c_enabled():
+            with pytest.raises(RuntimeError, match="float16"):
+                kernels.halves_to_floats(np.ones(4, np.float16), np.empty(4, np.float32), 1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_float16_is_float32_arithmetic_rounded_once(layout, with_out):
+    """float16 data (converted by the kernels where they can) gives the float32 results
+    on the same values, rounded to float16: training, inference and the gradient."""
+    x = _data((64, 33, 41, 24), np.float16)
+    dy = _data(x.shape, np.float16, seed=1, loc=0.0)
+    if layout == "strided":
+        x, dy = x[:, ::2], dy[:, ::2]
+    c = x.shape[-1]
+    scale, offset = np.linspace(0.5, 2, c, dtype=np.float32), np.linspace(-1, 1, c,
+                                                                          dtype=np.float32)
+    mean, var = np.linspace(2, 4, c, dtype=np.float32), np.linspace(1, 3, c, dtype=np.float32)
+
+    def outputs(a, g):
+        kw = (lambda: {"out": np.empty(a.shape, a.dtype)}) if with_out else dict
+        train = nn.fused_batch_norm(a, scale, offset, **kw())
+        infer = nn.fused_batch_norm(a, scale, offset, mean, var, is_training=False, **kw())
+        grad = nn.fused_batch_norm_grad(g, a, scale, train[1], var, **kw())
+        return [*train, infer[0], *grad]
+
+    with fastbn.backends.use("cython"):
+        halves = outputs(x, dy)
+        floats = outputs(x.astype(np.float32), dy.astype(np.float32))
+    for got, want in zip(halves, floats):
+        _same_floats(got, want.astype(got.dtype))
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("with_scale", [True, False])
 def test_fused_inference_matches_the_protocol_composition(dtype, with_scale):

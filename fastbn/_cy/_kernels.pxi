@@ -87,6 +87,38 @@ cdef extern from *:
     void fastbn_stream_line_f64(double* dst, const double* src) noexcept nogil
     void fastbn_stream_fence() noexcept nogil
 
+cdef extern from *:
+    """
+    /* float16 <-> float32 with the F16C instructions (round to nearest even, as
+       NumPy's casts); builds without them have none and say so. */
+    #if defined(__F16C__)
+    #include <immintrin.h>
+    static int fastbn_have_f16c(void) { return 1; }
+    static void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
+        for (; i < n; i++)
+            d[i] = _cvtsh_ss(s[i]);
+    }
+    static void fastbn_floats_to_halves(const float* s, unsigned short* d, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*)(d + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++)
+            d[i] = _cvtss_sh(s[i], _MM_FROUND_TO_NEAREST_INT);
+    }
+    #else
+    static int fastbn_have_f16c(void) { return 0; }
+    static void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) {}
+    static void fastbn_floats_to_halves(const float* s, unsigned short* d, Py_ssize_t n) {}
+    #endif
+    """
+    int fastbn_have_f16c() noexcept nogil
+    void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) noexcept nogil
+    void fastbn_floats_to_halves(const float* s, unsigned short* d, Py_ssize_t n) noexcept nogil
+
 ctypedef fused floating:
     float
     double
@@ -1074,6 +1106,57 @@ cdef inline const double* _doubles(cnp.ndarray v, double* scratch):
     for c in range(v.shape[0]):
         scratch[c] = f[c]
     return scratch
+
+
+def f16c_enabled():
+    """Whether this build converts float16 itself (halves_to_floats, floats_to_halves)."""
+    return bool(fastbn_have_f16c())
+
+
+cdef void _convert(const void* src, void* dst, Py_ssize_t n, bint to_floats,
+                   int n_threads) noexcept nogil:
+    cdef Py_ssize_t pieces = (n + BLOCK - 1) // BLOCK, p, lo, hi
+    cdef int nt = _threads(n, n_threads)
+    for p in prange(pieces, schedule="static", num_threads=nt):
+        lo = p * BLOCK
+        hi = lo + BLOCK if lo + BLOCK < n else n
+        if to_floats:
+            fastbn_halves_to_floats(<const unsigned short*>src + lo, <float*>dst + lo, hi - lo)
+        else:
+            fastbn_floats_to_halves(<const float*>src + lo, <unsigned short*>dst + lo, hi - lo)
+
+
+cdef void _check_conversion(cnp.ndarray src, int src_type, cnp.ndarray dst,
+                            int dst_type) except *:
+    if not fastbn_have_f16c():
+        raise RuntimeError("this build of the kernels has no float16 conversions")
+    _require(src, src_type, "src")
+    _require(dst, dst_type, "dst")
+    if cnp.PyArray_SIZE(src) != cnp.PyArray_SIZE(dst):
+        raise ValueError("src and dst must have the same size")
+
+
+def halves_to_floats(cnp.ndarray src, cnp.ndarray dst, int n_threads):
+    """dst = src, a C-contiguous float16 array into a C-contiguous float32 one of its size
+    (exact).  Only where f16c_enabled()."""
+    _check_conversion(src, cnp.NPY_FLOAT16, dst, cnp.NPY_FLOAT32)
+    cdef void* s = cnp.PyArray_DATA(src)
+    cdef void* d = cnp.PyArray_DATA(dst)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    with nogil:
+        _convert(s, d, n, True, n_threads)
+
+
+def floats_to_halves(cnp.ndarray src, cnp.ndarray dst, int n_threads):
+    """dst = src rounded to float16 (to nearest even, as NumPy's astype), a C-contiguous
+    float32 array into a C-contiguous float16 one of its size.  Only where
+    f16c_enabled()."""
+    _check_conversion(src, cnp.NPY_FLOAT32, dst, cnp.NPY_FLOAT16)
+    cdef void* s = cnp.PyArray_DATA(src)
+    cdef void* d = cnp.PyArray_DATA(dst)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    with nogil:
+        _convert(s, d, n, False, n_threads)
 
 
 def moments(cnp.ndarray x, object weights, int n_threads):

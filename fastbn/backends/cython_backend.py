@@ -34,13 +34,14 @@ _F16 = np.dtype(np.float16)
 
 
 def cpu_has_avx2():
-    """Whether this CPU has AVX2 and FMA (as NumPy's own dispatcher sees it)."""
+    """Whether this CPU has AVX2, FMA and F16C, what the avx2 build uses (as NumPy's own
+    dispatcher sees it)."""
     for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
         try:
             features = importlib.import_module(module).__cpu_features__
         except (ImportError, AttributeError):
             continue
-        return bool(features.get("AVX2") and features.get("FMA3"))
+        return bool(features.get("AVX2") and features.get("FMA3") and features.get("F16C"))
     return False
 
 
@@ -181,6 +182,8 @@ class CythonBackend(Backend):
                 "compiler (pip install .)") from None
         self.openmp = self._k.openmp_enabled()
         self._serial_below = self._k.serial_below
+        # float16 data converted by the kernels (the avx2 build), else by NumPy.
+        self._halves = self._k.f16c_enabled()
         mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
         self.stream_bytes = stream_bytes()
         self.guard = ContentionGuard()
@@ -214,18 +217,25 @@ class CythonBackend(Backend):
         guard.record(group, used, time.perf_counter() - start)
         return result
 
-    @staticmethod
-    def _input(x):
+    def _input(self, x):
         """x as the C-contiguous float32/float64 array the kernels read."""
         if x.dtype == _F16:
+            if self._halves and x.flags.c_contiguous:
+                xk = np.empty(x.shape, np.float32)
+                self._run(self._k.halves_to_floats, x.size, x, xk)
+                return xk
             return np.ascontiguousarray(x, np.float32)
         return np.ascontiguousarray(x)
 
     @staticmethod
     def _output(x, xk, out):
-        """Where the kernels write: `out` itself when they can, else a temporary."""
+        """Where the kernels write: `out` itself when they can, else over xk where it is
+        a copy of x made for them (float16 or strided data: one temporary instead of
+        two), else a new array."""
         if out is not None and out.dtype == xk.dtype and out.flags.c_contiguous:
             return out
+        if xk is not x:
+            return xk
         return np.empty(xk.shape, xk.dtype)
 
     @staticmethod
@@ -238,12 +248,20 @@ class CythonBackend(Backend):
     def _stream(self, y):
         return y.nbytes >= self.stream_bytes
 
-    @staticmethod
-    def _finish(x, y, out):
-        if out is not None and y is not out:
-            np.copyto(out, y, casting="unsafe")
+    def _finish(self, x, y, out):
+        """The kernels' output y (C-contiguous) as the result: in `out` where given, else
+        in x's dtype."""
+        if out is None:
+            if y.dtype == x.dtype:
+                return y
+            out = np.empty(y.shape, x.dtype)
+        elif y is out:
             return out
-        return y if y.dtype == x.dtype else y.astype(x.dtype)
+        if out.dtype == _F16 and self._halves and out.flags.c_contiguous:
+            self._run(self._k.floats_to_halves, y.size, y, out)
+        else:
+            np.copyto(out, y, casting="unsafe")
+        return out
 
     # -- protocol ----------------------------------------------------------------
     def moments(self, x, weights=None):
