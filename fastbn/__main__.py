@@ -66,6 +66,9 @@ def main(argv=None):
                    help="comma-separated backends to time (default: all that work)")
     b.add_argument("--compare", default=None,
                    help="also time these, where installed: torch, tf (comma-separated)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "float16", "float64"),
+                   help="the data's dtype (default float32; the parameters are float32 for "
+                        "float16 data, as TF's)")
     b.add_argument("--json", dest="json_path", default=None, help="write the raw figures here")
     b.add_argument("--plot", dest="plot_path", default=None,
                    help="write a bar chart here (PNG; needs matplotlib)")

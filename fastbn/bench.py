@@ -45,16 +45,23 @@ def _channels(shape, fmt):
     return shape[1] if fmt == "NCHW" else shape[-1]
 
 
+def _gradient(x):
+    """The output gradient the backward cases use: standard normal, in x's dtype."""
+    return np.random.default_rng(1).standard_normal(x.shape).astype(x.dtype)
+
+
 def _fastbn_side(backend, x, fmt):
     c = _channels(x.shape, fmt)
-    scale, offset = np.ones(c, np.float32), np.zeros(c, np.float32)
-    mean, var = np.zeros(c, np.float32), np.ones(c, np.float32)
+    # Parameters and statistics in the compute dtype (float32 for float16 data), as TF's.
+    ct = fastbn.backends.compute_dtype(x.dtype)
+    scale, offset = np.ones(c, ct), np.zeros(c, ct)
+    mean, var = np.zeros(c, ct), np.ones(c, ct)
     out = np.empty_like(x)
     graph = fastbn.Graph()
     nn = fastbn.nn
-    dy = np.random.default_rng(1).standard_normal(x.shape, dtype=np.float32)
+    dy = _gradient(x)
     axes = tuple(a for a in range(x.ndim) if a != (1 if fmt == "NCHW" else x.ndim - 1))
-    batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
+    batch_mean, batch_var = x.mean(axis=axes, dtype=ct), x.var(axis=axes, dtype=ct)
 
     # (run() times these inside fastbn.backends.use(backend), as a user would pick one.)
     def train():
@@ -86,8 +93,10 @@ def _torch_side(x, fmt, threads):
     else:
         t = torch.from_numpy(x)
     c = _channels(x.shape, fmt)
-    weight, bias = torch.ones(c), torch.zeros(c)
-    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    # float32 parameters for float16 data (torch's CPU batch norm takes them so).
+    pt = torch.float64 if x.dtype == np.float64 else torch.float32
+    weight, bias = torch.ones(c, dtype=pt), torch.zeros(c, dtype=pt)
+    running_mean, running_var = torch.zeros(c, dtype=pt), torch.ones(c, dtype=pt)
 
     def train():
         with torch.no_grad():
@@ -100,7 +109,7 @@ def _torch_side(x, fmt, threads):
     tg = t.detach().clone().requires_grad_(True)
     wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     y = F.batch_norm(tg, running_mean.clone(), running_var.clone(), wg, bg, training=True)
-    dy = torch.from_numpy(np.random.default_rng(1).standard_normal(x.shape, dtype=np.float32))
+    dy = torch.from_numpy(_gradient(x))
     if x.ndim == 4 and fmt == "NHWC":
         dy = dy.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
@@ -172,8 +181,12 @@ def _time(fn, min_seconds):
 
 
 def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, ops=OPS,
-        progress=None):
-    """Measures every (case, side, op); returns a dict with `results` and `copy_gbps`."""
+        progress=None, dtype=np.float32):
+    """Measures every (case, side, op) on data of `dtype`; returns a dict with `results`
+    and `copy_gbps`."""
+    dtype = np.dtype(dtype)
+    if dtype not in fastbn.nn.FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float16, float32 or float64, got {dtype}")
     # (The CUDA simulator is a correctness tool: not timed unless named.)
     backend_names = backend_names or [
         b for b in fastbn.backends.available()
@@ -187,11 +200,11 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
     total = len(cases) * repeats
     done = 0
     for name, shape, fmt in cases:
-        x = (np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 2 + 1)
+        x = (np.random.default_rng(0).standard_normal(shape) * 2 + 1).astype(dtype)
         sides = {b: _fastbn_side(b, x, fmt) for b in backend_names}
         if "torch" in compare:
             sides["torch"] = _torch_side(x, fmt, threads)
-        if "tf" in compare and x.ndim in (2, 4):
+        if "tf" in compare and x.ndim in (2, 4) and dtype == np.float32:
             sides["tf"] = _tf_side(x, fmt)
         samples = {}
         for _ in range(repeats):
@@ -217,7 +230,7 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
             })
         del sides
     return {"fastbn": fastbn.__version__, "threads": threads, "copy_gbps": bandwidth / 1e9,
-            "results": results}
+            "dtype": dtype.name, "results": results}
 
 
 def ratios(results, against):
@@ -239,7 +252,8 @@ def table(report):
     by = {(r["case"], r["side"], r["op"]): r for r in results}
     vs_numpy = ratios(results, "numpy")
     vs_torch = ratios(results, "torch")
-    lines = [f"median ms, float32, {report['threads']} threads; copy bandwidth "
+    lines = [f"median ms, {report.get('dtype', 'float32')}, {report['threads']} threads; "
+             f"copy bandwidth "
              f"{report['copy_gbps']:.1f} GB/s; (x faster than numpy / torch; share of roofline)"]
     for op in ops:
         lines.append("")
@@ -375,7 +389,7 @@ def main(args):
         print(f"python -m fastbn bench: {err}", file=sys.stderr)
         return 2
     report = run(names, compare=compare, quick=args.quick, repeats=args.repeats,
-                 progress=_progress)
+                 progress=_progress, dtype=args.dtype)
     print(table(report))
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -84,6 +84,23 @@ def test_bench_table_shows_ratios_and_roofline():
     assert report["results"][0]["of_roofline"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_bench_times_data_of_the_dtype_asked_for(dtype):
+    report = bench.run(["cython", "numpy"], quick=True, repeats=1, cases=[bench.CASES[-1]],
+                       dtype=dtype)
+    assert report["dtype"] == dtype
+    assert {(r["side"], r["op"]) for r in report["results"]} == {
+        (side, op) for side in ("cython", "numpy") for op in bench.OPS}
+    assert bench.table(report).startswith(f"median ms, {dtype},")
+
+
+def test_bench_dtype_must_be_a_float():
+    with pytest.raises(ValueError, match="dtype must be float16, float32 or float64"):
+        bench.run(["numpy"], quick=True, repeats=1, cases=[bench.CASES[-1]], dtype="int32")
+    result = _run("bench", "--quick", "--dtype", "int8")
+    assert result.returncode == 2 and "--dtype" in result.stderr
+
+
 def _report(times):
     """A bench report with one case and the given {(side, op): median ms}."""
     return {"results": [{"case": "c", "side": side, "op": op, "median_ms": ms,
