@@ -266,6 +266,30 @@ def test_float16_conversions_match_numpy(n):
         _same_floats(wide, halves.astype(np.float32))
 
 
+@pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", [(301, 13, 1), (70, 8, 1), (9, 1500, 1), (5, 4, 13),
+                                   (3, 2, 40000)])
+def test_float16_inference_kernel_is_the_float32_one_rounded(shape, relu):
+    """The kernels' own float16 inference: the float32 kernel's bits on the same values,
+    rounded to float16, for every value (tails of rows and runs, NaN, infinities, values
+    that overflow float16 once normalized), with and without a scale."""
+    x = _data(shape, np.float16)
+    x.reshape(-1)[:6] = [np.nan, np.inf, -np.inf, 65504, -65504, 0.0]
+    c = shape[1]
+    mean, offset = np.linspace(2, 4, c, dtype=np.float32), np.linspace(-1, 1, c, dtype=np.float32)
+    variance = np.linspace(1e-6, 3, c, dtype=np.float32)
+    for kernels in HALF_KERNELS:
+        for scale in (None, np.linspace(0.5, 2, c)):
+            got = np.empty_like(x)
+            kernels.infer_forward(x, got, mean, variance, scale, offset, 1e-3, relu, False, 2)
+            want = np.empty(shape, np.float32)
+            kernels.infer_forward(x.astype(np.float32), want, mean, variance, scale, offset,
+                                  1e-3, relu, False, 2)
+            with np.errstate(over="ignore"):
+                _same_floats(got, want.astype(np.float16))
+
+
 def test_float16_conversions_only_where_built():
     for kernels in KERNELS:
         if not kernels.f16c_enabled():

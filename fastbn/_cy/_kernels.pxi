@@ -93,6 +93,7 @@ cdef extern from *:
        NumPy's casts); builds without them have none and say so. */
     #if defined(__F16C__)
     #include <immintrin.h>
+    #include <math.h>
     static int fastbn_have_f16c(void) { return 1; }
     static void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) {
         Py_ssize_t i = 0;
@@ -109,15 +110,45 @@ cdef extern from *:
         for (; i < n; i++)
             d[i] = _cvtss_sh(s[i], _MM_FROUND_TO_NEAREST_INT);
     }
+    /* y = (x - m) * k + b, then max(y, 0) if relu, on float16 x and y, in float32 with a
+       fused multiply-add (as the float32 kernels compile it), rounded once: n values
+       with per-value parameters (rows), or with one set for all (runs, m_step 0). */
+    static void fastbn_affine_halves(const unsigned short* x, unsigned short* y, Py_ssize_t n,
+                                     const float* m, const float* k, const float* b,
+                                     int per_value, int relu) {
+        Py_ssize_t j = 0, s = per_value ? 1 : 0;
+        __m256 zero = _mm256_setzero_ps();
+        for (; j + 8 <= n; j += 8) {
+            __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + j)));
+            __m256 mv = per_value ? _mm256_loadu_ps(m + j) : _mm256_set1_ps(m[0]);
+            __m256 kv = per_value ? _mm256_loadu_ps(k + j) : _mm256_set1_ps(k[0]);
+            __m256 bv = per_value ? _mm256_loadu_ps(b + j) : _mm256_set1_ps(b[0]);
+            v = _mm256_fmadd_ps(_mm256_sub_ps(v, mv), kv, bv);
+            /* max(v, 0) gives 0 for NaN and for -0, as `v if v > 0 else 0` does. */
+            if (relu) v = _mm256_max_ps(v, zero);
+            _mm_storeu_si128((__m128i*)(y + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        }
+        for (; j < n; j++) {
+            float v = fmaf(_cvtsh_ss(x[j]) - m[j * s], k[j * s], b[j * s]);
+            if (relu && !(v > 0)) v = 0;
+            y[j] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+        }
+    }
     #else
     static int fastbn_have_f16c(void) { return 0; }
     static void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) {}
     static void fastbn_floats_to_halves(const float* s, unsigned short* d, Py_ssize_t n) {}
+    static void fastbn_affine_halves(const unsigned short* x, unsigned short* y, Py_ssize_t n,
+                                     const float* m, const float* k, const float* b,
+                                     int per_value, int relu) {}
     #endif
     """
     int fastbn_have_f16c() noexcept nogil
     void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) noexcept nogil
     void fastbn_floats_to_halves(const float* s, unsigned short* d, Py_ssize_t n) noexcept nogil
+    void fastbn_affine_halves(const unsigned short* x, unsigned short* y, Py_ssize_t n,
+                              const float* m, const float* k, const float* b, int per_value,
+                              int relu) noexcept nogil
 
 ctypedef fused floating:
     float
@@ -1311,20 +1342,57 @@ cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
             <const floating*>NULL, 0, 0, relu, stream, n_threads)
 
 
-cdef void _infer(const floating* x, floating* y, Geometry* g, const floating* mean,
-                 const double* variance, const double* scale, const floating* offset,
-                 double epsilon, bint relu, bint stream, int n_threads,
-                 floating* kv) noexcept nogil:
+cdef void _multipliers(const double* variance, const double* scale, double epsilon,
+                       Py_ssize_t C, floating* kv) noexcept nogil:
+    """kv = scale / sqrt(variance + epsilon) per channel: per_channel_multiplier's
+    arithmetic (fastbn/backends/base.py), in float64; scale NULL for 1."""
     cdef Py_ssize_t c
     cdef double inv
-    # per_channel_multiplier's arithmetic (fastbn/backends/base.py), in float64.
-    for c in range(g.C):
+    for c in range(C):
         inv = 1.0 / sqrt(variance[c] + epsilon)
         if scale != NULL:
             inv = inv * scale[c]
         kv[c] = <floating>inv
+
+
+cdef void _infer(const floating* x, floating* y, Geometry* g, const floating* mean,
+                 const double* variance, const double* scale, const floating* offset,
+                 double epsilon, bint relu, bint stream, int n_threads,
+                 floating* kv) noexcept nogil:
+    _multipliers(variance, scale, epsilon, g.C, kv)
     _affine(x, <const floating*>NULL, y, g, mean, kv, offset, <const floating*>NULL,
             <const floating*>NULL, 0, 0, relu, stream, n_threads)
+
+
+cdef inline void _halves_item(const unsigned short* x, unsigned short* y, Geometry* g,
+                              const float* m, const float* k, const float* b, bint relu,
+                              Py_ssize_t item) noexcept nogil:
+    """One work item of _infer_halves: a row (its channels' parameters), or a run (one
+    channel's)."""
+    cdef Py_ssize_t c
+    if g.M == 1:
+        fastbn_affine_halves(x + item * g.C, y + item * g.C, g.C, m, k, b, True, relu)
+    else:
+        c = item % g.C
+        fastbn_affine_halves(x + item * g.M, y + item * g.M, g.M, m + c, k + c, b + c, False,
+                             relu)
+
+
+cdef void _infer_halves(const unsigned short* x, unsigned short* y, Geometry* g,
+                        const float* mean, const double* variance, const double* scale,
+                        const float* offset, double epsilon, bint relu, int n_threads,
+                        float* kv) noexcept nogil:
+    """_infer on float16 data (F16C builds): read and written as float16, computed as
+    the float32 kernels compute it (the same bits, rounded once), stored plainly."""
+    cdef Py_ssize_t n_items = g.N if g.M == 1 else g.N * g.C, item
+    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    _multipliers(variance, scale, epsilon, g.C, kv)
+    if nt == 1:
+        for item in range(n_items):
+            _halves_item(x, y, g, mean, kv, offset, relu, item)
+    else:
+        for item in prange(n_items, schedule="static", num_threads=nt):
+            _halves_item(x, y, g, mean, kv, offset, relu, item)
 
 
 def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray variance,
@@ -1333,21 +1401,27 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     """out = (x - mean) * scale / sqrt(variance + epsilon) + offset per channel (then
     max(out, 0) if relu): inference with given statistics; out may be x.
 
-    x and out: C-contiguous (N, C, M) of one dtype; mean and offset: vectors of that
-    dtype; variance and scale (or None for 1): vectors of that dtype or float64.
-    `stream`: as for normalize.
+    x and out: C-contiguous (N, C, M) of one dtype; mean and offset: vectors of the
+    compute dtype; variance and scale (or None for 1): vectors of the compute dtype or
+    float64.  `stream`: as for normalize.  float16 x and out where f16c_enabled():
+    computed in float32 as for float32 data and rounded once, stored plainly; the
+    compute dtype is float32 for them.
     """
-    cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
-    for arr, what in ((x, "x"), (out, "out"), (mean, "mean"), (offset, "offset")):
-        _require(arr, t, what)
+    cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
+    cdef bint f32 = half or _is_float32(x)
+    cdef int ct = cnp.NPY_FLOAT32 if half else t
+    _require(x, t, "x")
+    _require(out, t, "out")
+    _require(mean, ct, "mean")
+    _require(offset, ct, "offset")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
             or offset.shape[0] != C:
         raise ValueError("infer_forward: shapes do not match")
-    _check_vector(variance, t, C, "variance")
+    _check_vector(variance, ct, C, "variance")
     if scale is not None:
-        _check_vector(scale, t, C, "scale")
+        _check_vector(scale, ct, C, "scale")
     if N * C * M == 0:
         return
     # The multipliers in the data type, then room for variance and scale as doubles.
@@ -1362,7 +1436,11 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     cdef void* mp = cnp.PyArray_DATA(mean)
     cdef void* op = cnp.PyArray_DATA(offset)
     with nogil:
-        if f32:
+        if half:
+            _infer_halves(<const unsigned short*>xp, <unsigned short*>yp, &g,
+                          <const float*>mp, vp, sp, <const float*>op, epsilon, relu,
+                          n_threads, <float*>kv)
+        elif f32:
             _infer(<const float*>xp, <float*>yp, &g, <const float*>mp, vp, sp,
                    <const float*>op, epsilon, relu, stream, n_threads, <float*>kv)
         else:

@@ -286,9 +286,14 @@ class CythonBackend(Backend):
         return self._finish(x, y, out)
 
     def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
-        xk = self._input(x)
-        ct = xk.dtype
-        y = self._output(x, xk, out)
+        if x.dtype == _F16 and self._halves and x.flags.c_contiguous:
+            # Read and written as float16 by the kernel itself: no float32 copies.
+            xk, ct = x, np.dtype(np.float32)
+            y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
+        else:
+            xk = self._input(x)
+            ct = xk.dtype
+            y = self._output(x, xk, out)
         self._run(
             self._k.infer_forward, xk.size, xk, y, np.ascontiguousarray(mean, ct),
             np.ascontiguousarray(variance, ct),
