@@ -1239,11 +1239,16 @@ def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, c
 
     All arrays C-contiguous of x's dtype; x and out (N, C, M), the rest length C.
     `stream`: write out with non-temporal stores (for outputs larger than the cache).
+    float16 x and out where f16c_enabled(), with float32 mean, k and b: as for
+    float32 data, rounded once, stored plainly.
     """
-    cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
-    for a, what in ((x, "x"), (out, "out"), (mean, "mean"), (k, "k"), (b, "b")):
-        _require(a, t, what)
+    cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
+    cdef bint f32 = half or _is_float32(x)
+    cdef int ct = cnp.NPY_FLOAT32 if half else t
+    for a, what, at in ((x, "x", t), (out, "out", t), (mean, "mean", ct), (k, "k", ct),
+                        (b, "b", ct)):
+        _require(a, at, what)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
             or k.shape[0] != C or b.shape[0] != C:
@@ -1257,7 +1262,11 @@ def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, c
     cdef void* kp = cnp.PyArray_DATA(k)
     cdef void* bp = cnp.PyArray_DATA(b)
     with nogil:
-        if f32:
+        if half:
+            _affine_halves(<const unsigned short*>xp, <unsigned short*>yp, &g,
+                           <const float*>mp, <const float*>kp, <const float*>bp, relu,
+                           n_threads)
+        elif f32:
             _affine(<const float*>xp, <const float*>NULL, <float*>yp, &g, <const float*>mp,
                     <const float*>kp, <const float*>bp, <const float*>NULL, <const float*>NULL,
                     0, 0, relu, stream, n_threads)
@@ -1378,21 +1387,20 @@ cdef inline void _halves_item(const unsigned short* x, unsigned short* y, Geomet
                              relu)
 
 
-cdef void _infer_halves(const unsigned short* x, unsigned short* y, Geometry* g,
-                        const float* mean, const double* variance, const double* scale,
-                        const float* offset, double epsilon, bint relu, int n_threads,
-                        float* kv) noexcept nogil:
-    """_infer on float16 data (F16C builds): read and written as float16, computed as
-    the float32 kernels compute it (the same bits, rounded once), stored plainly."""
+cdef void _affine_halves(const unsigned short* x, unsigned short* y, Geometry* g,
+                         const float* m, const float* k, const float* b, bint relu,
+                         int n_threads) noexcept nogil:
+    """The normalization pass of _affine on float16 data (F16C builds): read and written
+    as float16, computed as the float32 kernels compute it (the same bits, rounded
+    once), stored plainly."""
     cdef Py_ssize_t n_items = g.N if g.M == 1 else g.N * g.C, item
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    _multipliers(variance, scale, epsilon, g.C, kv)
     if nt == 1:
         for item in range(n_items):
-            _halves_item(x, y, g, mean, kv, offset, relu, item)
+            _halves_item(x, y, g, m, k, b, relu, item)
     else:
         for item in prange(n_items, schedule="static", num_threads=nt):
-            _halves_item(x, y, g, mean, kv, offset, relu, item)
+            _halves_item(x, y, g, m, k, b, relu, item)
 
 
 def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray variance,
@@ -1437,9 +1445,10 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     cdef void* op = cnp.PyArray_DATA(offset)
     with nogil:
         if half:
-            _infer_halves(<const unsigned short*>xp, <unsigned short*>yp, &g,
-                          <const float*>mp, vp, sp, <const float*>op, epsilon, relu,
-                          n_threads, <float*>kv)
+            _multipliers(vp, sp, epsilon, C, <float*>kv)
+            _affine_halves(<const unsigned short*>xp, <unsigned short*>yp, &g,
+                           <const float*>mp, <const float*>kv, <const float*>op, relu,
+                           n_threads)
         elif f32:
             _infer(<const float*>xp, <float*>yp, &g, <const float*>mp, vp, sp,
                    <const float*>op, epsilon, relu, stream, n_threads, <float*>kv)

@@ -304,6 +304,17 @@ class CythonBackend(Backend):
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         if weights is not None:
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
+        if x.dtype == _F16 and self._halves and x.flags.c_contiguous:
+            # The statistics from a float32 copy, then the normalization read and written
+            # as float16 by the kernel itself, with the training kernel's multipliers
+            # (float64, then float32): its bits, rounded once.
+            mean, var = self.moments(x)
+            f32 = np.dtype(np.float32)
+            k = (np.asarray(scale, np.float64) / np.sqrt(var + epsilon)).astype(f32)
+            y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
+            self._run(self._k.normalize, x.size, x, y, mean.astype(f32), k,
+                      np.ascontiguousarray(offset, f32), bool(relu), False)
+            return self._finish(x, y, out), mean, var
         xk = self._input(x)
         y = self._output(x, xk, out)
         mean, var = self._run(
