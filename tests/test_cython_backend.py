@@ -290,6 +290,24 @@ def test_float16_inference_kernel_is_the_float32_one_rounded(shape, relu):
                 _same_floats(got, want.astype(np.float16))
 
 
+@pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (640, 1500, 1)])
+@pytest.mark.parametrize("loc", [3.0, 3000.0])
+def test_float16_statistics_are_those_of_the_float32_values(shape, loc):
+    """The kernels' float16 statistics (widened block by block): the same bits as from a
+    float32 copy, in both layouts, ragged and chunked blocks, wide rows, and data far
+    from zero (which the blocks reduce twice), on any thread count."""
+    x = _data(shape, np.float16, loc=loc)
+    for kernels in HALF_KERNELS:
+        want = [_bits(a) for a in kernels.moments(x.astype(np.float32), None, 2)]
+        for threads in (1, 2, 16):
+            got = [_bits(a) for a in kernels.moments(x, None, threads)]
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+        with pytest.raises(TypeError, match="weights"):
+            kernels.moments(x, np.ones(x.shape, np.float16), 2)
+
+
 def test_float16_conversions_only_where_built():
     for kernels in KERNELS:
         if not kernels.f16c_enabled():
@@ -297,22 +315,25 @@ def test_float16_conversions_only_where_built():
                 kernels.halves_to_floats(np.ones(4, np.float16), np.empty(4, np.float32), 1)
 
 
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("with_out", [False, True])
-def test_float16_is_float32_arithmetic_rounded_once(layout, with_out):
+def test_float16_is_float32_arithmetic_rounded_once(data_format, layout, with_out):
     """float16 data (converted by the kernels where they can) gives the float32 results
     on the same values, rounded to float16: training, inference and the gradient."""
-    x = _data((64, 33, 41, 24), np.float16)
+    shape = (64, 33, 41, 24) if data_format == "NHWC" else (16, 13, 67, 41)
+    x = _data(shape, np.float16)
     dy = _data(x.shape, np.float16, seed=1, loc=0.0)
     if layout == "strided":
         x, dy = x[:, ::2], dy[:, ::2]
-    c = x.shape[-1]
+    c = x.shape[-1] if data_format == "NHWC" else x.shape[1]
     scale, offset = np.linspace(0.5, 2, c, dtype=np.float32), np.linspace(-1, 1, c,
                                                                           dtype=np.float32)
     mean, var = np.linspace(2, 4, c, dtype=np.float32), np.linspace(1, 3, c, dtype=np.float32)
 
     def outputs(a, g):
-        kw = (lambda: {"out": np.empty(a.shape, a.dtype)}) if with_out else dict
+        kw = (lambda: {"out": np.empty(a.shape, a.dtype), "data_format": data_format}
+              ) if with_out else (lambda: {"data_format": data_format})
         train = nn.fused_batch_norm(a, scale, offset, **kw())
         infer = nn.fused_batch_norm(a, scale, offset, mean, var, is_training=False, **kw())
         grad = nn.fused_batch_norm_grad(g, a, scale, train[1], var, **kw())

@@ -632,19 +632,68 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
             out_var[c] = out_var[c] / tot[c]
 
 
+cdef struct Block:
+    # rows layout: rows r0..r1 of channels c0..c0 + w, row tile rt
+    Py_ssize_t rt, c0, w, r0, r1
+    # runs layout: block blk of channel c
+    Py_ssize_t c, blk
+
+
+cdef inline Block _block(Geometry* g, Py_ssize_t b) noexcept nogil:
+    """Where statistics block b lies: a row tile x channel tile (rows layout), or one of a
+    channel's blocks (runs layout)."""
+    cdef Block k
+    memset(&k, 0, sizeof(Block))
+    if g.M == 1:
+        k.rt = b // g.n_channel_tiles
+        k.c0 = (b % g.n_channel_tiles) * g.channel_tile
+        k.w = g.C - k.c0 if g.C - k.c0 < g.channel_tile else g.channel_tile
+        k.r0 = k.rt * g.row_tile
+        k.r1 = k.r0 + g.row_tile if k.r0 + g.row_tile < g.N else g.N
+    else:
+        k.c = b // g.blocks_per_channel
+        k.blk = b % g.blocks_per_channel
+    return k
+
+
+cdef void _stats_item_halves(const unsigned short* x, Geometry* g, double* count,
+                             double* mean, double* m2, Py_ssize_t b) noexcept nogil:
+    """_stats_item of float16 data (F16C builds, no weights): the block widened into a
+    buffer, then the arithmetic _stats_item does on a float32 copy of x (same bits)."""
+    cdef float buf[BLOCK]
+    cdef double scratch[2 * CHANNEL_TILE]
+    cdef Block k = _block(g, b)
+    cdef Geometry runs
+    cdef Py_ssize_t C = g.C, r, n, j, n0, n1, m0, length
+    if g.M == 1:
+        for r in range(k.r0, k.r1):
+            fastbn_halves_to_floats(x + r * C + k.c0, buf + (r - k.r0) * k.w, k.w)
+        _rows_block(buf, k.w, 0, k.r1 - k.r0, 0, k.w, scratch, scratch + CHANNEL_TILE,
+                    mean + k.rt * C + k.c0, m2 + k.rt * C + k.c0)
+        for j in range(k.w):
+            count[k.rt * C + k.c0 + j] = <double>(k.r1 - k.r0)
+        return
+    # The block's runs (or chunk of one run), one after another: a block of its own.
+    n0 = (k.blk // g.chunks_per_run) * g.runs_per_block
+    n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
+    m0 = (k.blk % g.chunks_per_run) * g.chunk
+    length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
+    for n in range(n0, n1):
+        fastbn_halves_to_floats(x + (n * C + k.c) * g.M + m0, buf + (n - n0) * length, length)
+    runs = _geometry(n1 - n0, 1, length)
+    _runs_block(buf, &runs, 0, 0, count + k.blk * C + k.c, mean + k.blk * C + k.c,
+                m2 + k.blk * C + k.c)
+
+
 cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
                              Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, double* count,
                              double* mean, double* m2, Py_ssize_t b) noexcept nogil:
-    """Statistics of block b: a row tile x channel tile (rows layout), or a channel's
-    block (runs layout)."""
+    """Statistics of block b (see _block)."""
     cdef Py_ssize_t C = g.C, rt, c0, w, r0, r1, c, blk, j
     cdef double scratch[3 * CHANNEL_TILE]
+    cdef Block k = _block(g, b)
     if g.M == 1:
-        rt = b // g.n_channel_tiles
-        c0 = (b % g.n_channel_tiles) * g.channel_tile
-        w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
-        r0 = rt * g.row_tile
-        r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
+        rt, c0, w, r0, r1 = k.rt, k.c0, k.w, k.r0, k.r1
         if wt == NULL:
             _rows_block(x, C, r0, r1, c0, w, scratch, scratch + CHANNEL_TILE, mean + rt * C + c0,
                         m2 + rt * C + c0)
@@ -655,8 +704,7 @@ cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
                                  scratch + CHANNEL_TILE, scratch + 2 * CHANNEL_TILE,
                                  count + rt * C + c0, mean + rt * C + c0, m2 + rt * C + c0)
     else:
-        c = b // g.blocks_per_channel
-        blk = b % g.blocks_per_channel
+        c, blk = k.c, k.blk
         if wt == NULL:
             _runs_block(x, g, c, blk, count + blk * C + c, mean + blk * C + c, m2 + blk * C + c)
         else:
@@ -667,7 +715,10 @@ cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
 cdef void _stats(const floating* x, Geometry* g, const floating* wt,
                  Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, int n_threads,
                  double* count, double* mean, double* m2,
-                 double* out_mean, double* out_var) noexcept nogil:
+                 double* out_mean, double* out_var,
+                 const unsigned short* halves=NULL) noexcept nogil:
+    """Per-channel mean and variance of x, or of float16 data `halves` (x NULL, no
+    weights), block by block, then merged."""
     cdef Py_ssize_t nblocks, b
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     if g.M == 1:
@@ -676,10 +727,16 @@ cdef void _stats(const floating* x, Geometry* g, const floating* wt,
         nblocks = g.C * g.blocks_per_channel
     if nt == 1:
         for b in range(nblocks):
-            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
+            if halves != NULL:
+                _stats_item_halves(halves, g, count, mean, m2, b)
+            else:
+                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
     else:
         for b in prange(nblocks, schedule="static", num_threads=nt):
-            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
+            if halves != NULL:
+                _stats_item_halves(halves, g, count, mean, m2, b)
+            else:
+                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
     # The workspace's spare vector follows m2 (see _workspace).
     _merge(g, count, mean, m2, out_mean, out_var, wt != NULL, m2 + g.blocks_per_channel * g.C)
 
@@ -1194,9 +1251,14 @@ def moments(cnp.ndarray x, object weights, int n_threads):
     """Per-channel (mean, biased variance), float64, of a C-contiguous (N, C, M) array.
 
     `weights`: None, or an array of x's dtype broadcast to x's shape (strides in whole
-    elements, zero where broadcast), non-negative.
+    elements, zero where broadcast), non-negative.  float16 x where f16c_enabled(),
+    without weights: the statistics of its float32 values (the same bits), widened block
+    by block.
     """
-    cdef bint f32 = _is_float32(x)
+    cdef bint half = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16 and fastbn_have_f16c()
+    if half and weights is not None:
+        raise TypeError("weights need x of float32 or float64")
+    cdef bint f32 = half or _is_float32(x)
     _require(x, cnp.PyArray_TYPE(x), "x")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     cdef Geometry g = _geometry(N, C, M)
@@ -1223,7 +1285,10 @@ def moments(cnp.ndarray x, object weights, int n_threads):
     cdef double* work = _workspace(&g)
     cdef Py_ssize_t size = g.blocks_per_channel * C
     with nogil:
-        if f32:
+        if half:
+            _stats(<const float*>NULL, &g, <const float*>NULL, 0, 0, 0, n_threads, work,
+                   work + size, work + 2 * size, om, ov, <const unsigned short*>xp)
+        elif f32:
             _stats(<const float*>xp, &g, <const float*>wt, ws_n, ws_c, ws_m, n_threads,
                    work, work + size, work + 2 * size, om, ov)
         else:

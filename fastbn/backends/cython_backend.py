@@ -265,6 +265,9 @@ class CythonBackend(Backend):
 
     # -- protocol ----------------------------------------------------------------
     def moments(self, x, weights=None):
+        if weights is None and x.dtype == _F16 and self._halves and x.flags.c_contiguous:
+            # Widened by the kernel a block at a time: no float32 copy.
+            return self._run(self._k.moments, x.size, x, None)
         xk = self._input(x)
         w = None
         if weights is not None:
@@ -305,9 +308,9 @@ class CythonBackend(Backend):
         if weights is not None:
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
         if x.dtype == _F16 and self._halves and x.flags.c_contiguous:
-            # The statistics from a float32 copy, then the normalization read and written
-            # as float16 by the kernel itself, with the training kernel's multipliers
-            # (float64, then float32): its bits, rounded once.
+            # Statistics and normalization read (and written) as float16 by the kernels
+            # themselves, with the training kernel's multipliers (float64, then float32):
+            # its bits, rounded once.
             mean, var = self.moments(x)
             f32 = np.dtype(np.float32)
             k = (np.asarray(scale, np.float64) / np.sqrt(var + epsilon)).astype(f32)
