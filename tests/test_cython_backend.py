@@ -308,6 +308,35 @@ def test_float16_statistics_are_those_of_the_float32_values(shape, loc):
             kernels.moments(x, np.ones(x.shape, np.float16), 2)
 
 
+@pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (9, 1500, 1), (50, 13, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_float16_backward_kernel_is_the_float32_one_rounded(shape, training):
+    """The kernels' own float16 backward: the gradient sums of the float32 values (same
+    bits) and dx as the float32 kernel computes it, rounded once, on any thread count."""
+    x = _data(shape, np.float16)
+    dy = _data(shape, np.float16, seed=1, loc=0.0)
+    c = shape[1]
+    mean, var = (a.astype(np.float32) for a in HALF_KERNELS[0].moments(x, None, 1))
+    scale = np.linspace(0.5, 2, c, dtype=np.float32)
+    for kernels in HALF_KERNELS:
+        want_dx = np.empty(shape, np.float32)
+        want = kernels.backward(x.astype(np.float32), dy.astype(np.float32), want_dx, mean,
+                                var, scale, 1e-3, training, None, False, 2)
+        with np.errstate(over="ignore"):
+            want_dx = want_dx.astype(np.float16)
+        for threads in (1, 2, 16):
+            dx = np.empty_like(x)
+            got = kernels.backward(x, dy, dx, mean, var, scale, 1e-3, training, None, False,
+                                   threads)
+            _same_floats(dx, want_dx)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(_bits(g), _bits(w))
+        with pytest.raises(TypeError, match="weights"):
+            kernels.backward(x, dy, dx, mean, var, scale, 1e-3, training,
+                             np.ones((shape[0], 1, shape[2]), np.float16), False, 2)
+
+
 def test_float16_conversions_only_where_built():
     for kernels in KERNELS:
         if not kernels.f16c_enabled():

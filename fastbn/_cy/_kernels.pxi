@@ -635,8 +635,10 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
 cdef struct Block:
     # rows layout: rows r0..r1 of channels c0..c0 + w, row tile rt
     Py_ssize_t rt, c0, w, r0, r1
-    # runs layout: block blk of channel c
-    Py_ssize_t c, blk
+    # runs layout: block blk of channel c, its runs n0..n1 from m0, length values each
+    Py_ssize_t c, blk, n0, n1, m0, length
+    # where its per-channel results go (slot + j for its j-th channel)
+    Py_ssize_t slot
 
 
 cdef inline Block _block(Geometry* g, Py_ssize_t b) noexcept nogil:
@@ -650,39 +652,43 @@ cdef inline Block _block(Geometry* g, Py_ssize_t b) noexcept nogil:
         k.w = g.C - k.c0 if g.C - k.c0 < g.channel_tile else g.channel_tile
         k.r0 = k.rt * g.row_tile
         k.r1 = k.r0 + g.row_tile if k.r0 + g.row_tile < g.N else g.N
+        k.slot = k.rt * g.C + k.c0
     else:
         k.c = b // g.blocks_per_channel
         k.blk = b % g.blocks_per_channel
+        k.n0 = (k.blk // g.chunks_per_run) * g.runs_per_block
+        k.n1 = k.n0 + g.runs_per_block if k.n0 + g.runs_per_block < g.N else g.N
+        k.m0 = (k.blk % g.chunks_per_run) * g.chunk
+        k.length = g.M - k.m0 if g.M - k.m0 < g.chunk else g.chunk
+        k.slot = k.blk * g.C + k.c
     return k
+
+
+cdef inline Geometry _widened(const unsigned short* x, Geometry* g, Block* k,
+                              float* buf) noexcept nogil:
+    """Block k of float16 data x widened into buf (at most BLOCK values), and the
+    geometry of buf as an array whose only block is that one (rows of the block's
+    channels, or its runs one after another)."""
+    cdef Py_ssize_t r, n
+    if g.M == 1:
+        for r in range(k.r0, k.r1):
+            fastbn_halves_to_floats(x + r * g.C + k.c0, buf + (r - k.r0) * k.w, k.w)
+        return _geometry(k.r1 - k.r0, k.w, 1)
+    for n in range(k.n0, k.n1):
+        fastbn_halves_to_floats(x + (n * g.C + k.c) * g.M + k.m0, buf + (n - k.n0) * k.length,
+                                k.length)
+    return _geometry(k.n1 - k.n0, 1, k.length)
 
 
 cdef void _stats_item_halves(const unsigned short* x, Geometry* g, double* count,
                              double* mean, double* m2, Py_ssize_t b) noexcept nogil:
-    """_stats_item of float16 data (F16C builds, no weights): the block widened into a
-    buffer, then the arithmetic _stats_item does on a float32 copy of x (same bits)."""
+    """_stats_item of float16 data (F16C builds, no weights): the block widened, then the
+    arithmetic _stats_item does on a float32 copy of x (same bits)."""
     cdef float buf[BLOCK]
-    cdef double scratch[2 * CHANNEL_TILE]
     cdef Block k = _block(g, b)
-    cdef Geometry runs
-    cdef Py_ssize_t C = g.C, r, n, j, n0, n1, m0, length
-    if g.M == 1:
-        for r in range(k.r0, k.r1):
-            fastbn_halves_to_floats(x + r * C + k.c0, buf + (r - k.r0) * k.w, k.w)
-        _rows_block(buf, k.w, 0, k.r1 - k.r0, 0, k.w, scratch, scratch + CHANNEL_TILE,
-                    mean + k.rt * C + k.c0, m2 + k.rt * C + k.c0)
-        for j in range(k.w):
-            count[k.rt * C + k.c0 + j] = <double>(k.r1 - k.r0)
-        return
-    # The block's runs (or chunk of one run), one after another: a block of its own.
-    n0 = (k.blk // g.chunks_per_run) * g.runs_per_block
-    n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
-    m0 = (k.blk % g.chunks_per_run) * g.chunk
-    length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
-    for n in range(n0, n1):
-        fastbn_halves_to_floats(x + (n * C + k.c) * g.M + m0, buf + (n - n0) * length, length)
-    runs = _geometry(n1 - n0, 1, length)
-    _runs_block(buf, &runs, 0, 0, count + k.blk * C + k.c, mean + k.blk * C + k.c,
-                m2 + k.blk * C + k.c)
+    cdef Geometry one = _widened(x, g, &k, buf)
+    _stats_item(buf, &one, <const float*>NULL, 0, 0, 0, count + k.slot, mean + k.slot,
+                m2 + k.slot, 0)
 
 
 cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
@@ -1120,10 +1126,26 @@ cdef inline void _grad_sums_item(const floating* x, const floating* dy, Geometry
     part2[blk * C + c] = s2 + (<double>centre - mean[c]) * s1
 
 
+cdef void _grad_sums_item_halves(const unsigned short* x, const unsigned short* dy,
+                                 Geometry* g, const double* mean, double* part1,
+                                 double* part2, Py_ssize_t b) noexcept nogil:
+    """_grad_sums_item of float16 data (F16C builds): the block of x and of dy widened,
+    then the arithmetic _grad_sums_item does on float32 copies (same bits)."""
+    cdef float bx[BLOCK]
+    cdef float bd[BLOCK]
+    cdef Block k = _block(g, b)
+    cdef Geometry one = _widened(x, g, &k, bx)
+    _widened(dy, g, &k, bd)
+    _grad_sums_item(bx, bd, &one, mean + (k.c0 if g.M == 1 else k.c), part1 + k.slot,
+                    part2 + k.slot, 0)
+
+
 cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const double* mean,
                      int n_threads, double* part1, double* part2, double* out1,
-                     double* out2) noexcept nogil:
-    """Per-channel sum(dy) and sum(dy * (x - mean)): block partials, summed in block order."""
+                     double* out2, const unsigned short* x_halves=NULL,
+                     const unsigned short* dy_halves=NULL) noexcept nogil:
+    """Per-channel sum(dy) and sum(dy * (x - mean)): block partials, summed in block order.
+    float16 data as x_halves and dy_halves (x and dy NULL)."""
     cdef Py_ssize_t C = g.C, nblocks, b, c
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     if g.M == 1:
@@ -1132,10 +1154,16 @@ cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const d
         nblocks = C * g.blocks_per_channel
     if nt == 1:
         for b in range(nblocks):
-            _grad_sums_item(x, dy, g, mean, part1, part2, b)
+            if x_halves != NULL:
+                _grad_sums_item_halves(x_halves, dy_halves, g, mean, part1, part2, b)
+            else:
+                _grad_sums_item(x, dy, g, mean, part1, part2, b)
     else:
         for b in prange(nblocks, schedule="static", num_threads=nt):
-            _grad_sums_item(x, dy, g, mean, part1, part2, b)
+            if x_halves != NULL:
+                _grad_sums_item_halves(x_halves, dy_halves, g, mean, part1, part2, b)
+            else:
+                _grad_sums_item(x, dy, g, mean, part1, part2, b)
     for c in range(C):
         out1[c] = part1[c]
         out2[c] = part2[c]
@@ -1708,18 +1736,31 @@ cdef void _backward(floating* tag, const floating* x, const floating* dy, floati
                     Py_ssize_t ws_n, Py_ssize_t ws_m, double total, bint stream,
                     int n_threads, double* work, double* sum_dy,
                     double* sum_dy_xhat) noexcept nogil:
-    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c0, w, j
-    cdef double inv[CHANNEL_TILE]
-    cdef double k[CHANNEL_TILE]
+    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     if _channelwise(g, 2 * sizeof(floating), nt):
         _backward_channelwise(x, dy, dx, g, mean, variance, scale, epsilon, training, wt, ws_n,
                               ws_m, total, stream, nt, sum_dy, sum_dy_xhat)
         return
     _grad_sums(x, dy, g, mean, n_threads, work, work + size, sum_dy, sum_dy_xhat)
-    # Coefficients of dx = a * dy + w * (b * (x - mean) + c), in the data type, reusing
-    # the start of the workspace.
+    # Coefficients in the data type, reusing the start of the workspace.
     cdef floating* mv = <floating*>work
+    _grad_coefficients(C, mean, variance, scale, epsilon, training, total, sum_dy,
+                       sum_dy_xhat, mv)
+    _affine(x, dy, dx, g, mv, mv + 2 * C, mv + 3 * C, mv + C, wt, ws_n, ws_m, False, stream,
+            n_threads)
+
+
+cdef void _grad_coefficients(Py_ssize_t C, const double* mean, const double* variance,
+                             const double* scale, double epsilon, bint training, double total,
+                             const double* sum_dy, double* sum_dy_xhat,
+                             floating* mv) noexcept nogil:
+    """The coefficients of dx = a * dy + w * (b * (x - mean) + c), in the data type: mean,
+    a, b and c one after another from mv; sum_dy_xhat (the sum of dy * (x - mean)) is
+    scaled to the sum of dy * x_hat on the way."""
+    cdef Py_ssize_t c0, w, j
+    cdef double inv[CHANNEL_TILE]
+    cdef double k[CHANNEL_TILE]
     cdef floating* av = mv + C
     cdef floating* bv = av + C
     cdef floating* cv = bv + C
@@ -1748,7 +1789,54 @@ cdef void _backward(floating* tag, const floating* x, const floating* dy, floati
                 bv[c0 + j] = 0
                 cv[c0 + j] = 0
         c0 += w
-    _affine(x, dy, dx, g, mv, bv, cv, av, wt, ws_n, ws_m, False, stream, n_threads)
+
+
+cdef void _grad_item_halves(const unsigned short* x, const unsigned short* dy,
+                            unsigned short* dx, Geometry* g, const float* m, const float* a,
+                            const float* b, const float* c, Py_ssize_t item) noexcept nogil:
+    """The input gradient of one row (rows layout) or run of float16 data (F16C builds):
+    WRAP values at a time widened, put through the float32 kernels' own loop (same bits),
+    and rounded to dx."""
+    cdef float bx[WRAP]
+    cdef float bd[WRAP]
+    cdef float by[WRAP]
+    cdef Py_ssize_t n = g.C if g.M == 1 else g.M, start = item * n, j0 = 0, size, ch
+    while j0 < n:
+        size = n - j0 if n - j0 < WRAP else WRAP
+        fastbn_halves_to_floats(x + start + j0, bx, size)
+        fastbn_halves_to_floats(dy + start + j0, bd, size)
+        if g.M == 1:
+            _affine_row(bx, bd, by, size, m + j0, b + j0, c + j0, a + j0, 1, False)
+        else:
+            ch = item % g.C
+            _affine_run(bx, bd, by, size, m[ch], b[ch], c[ch], a[ch], <const float*>NULL, 0,
+                        False)
+        fastbn_floats_to_halves(by, dx + start + j0, size)
+        j0 += size
+
+
+cdef void _backward_halves(const unsigned short* x, const unsigned short* dy,
+                           unsigned short* dx, Geometry* g, const double* mean,
+                           const double* variance, const double* scale, double epsilon,
+                           bint training, double total, int n_threads, double* work,
+                           double* sum_dy, double* sum_dy_xhat) noexcept nogil:
+    """_backward of float16 data without weights (F16C builds): the gradient sums and
+    then dx from float16 x and dy widened a block or a stretch at a time, dx rounded
+    once: the float32 kernels' bits on the same values."""
+    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, item
+    cdef Py_ssize_t n_items = g.N if g.M == 1 else g.N * g.C
+    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    _grad_sums(<const float*>NULL, <const float*>NULL, g, mean, n_threads, work, work + size,
+               sum_dy, sum_dy_xhat, x, dy)
+    cdef float* mv = <float*>work
+    _grad_coefficients(C, mean, variance, scale, epsilon, training, total, sum_dy,
+                       sum_dy_xhat, mv)
+    if nt == 1:
+        for item in range(n_items):
+            _grad_item_halves(x, dy, dx, g, mv, mv + C, mv + 2 * C, mv + 3 * C, item)
+    else:
+        for item in prange(n_items, schedule="static", num_threads=nt):
+            _grad_item_halves(x, dy, dx, g, mv, mv + C, mv + 2 * C, mv + 3 * C, item)
 
 
 def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
@@ -1757,11 +1845,18 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     """Fused input gradient: per-channel sums in one read of x and dy, then dx.
 
     x, dy, out: C-contiguous (N, C, M) of one dtype (out may be dy); mean, variance,
-    scale: vectors of that dtype or float64; weights: None or (N, 1, M) of x's dtype;
-    `stream`: as for normalize.  Returns (sum(dy), sum(dy * x_hat)) as float64 vectors.
+    scale: vectors of the compute dtype or float64; weights: None or (N, 1, M) of x's
+    dtype; `stream`: as for normalize.  Returns (sum(dy), sum(dy * x_hat)) as float64
+    vectors.  float16 x, dy and out where f16c_enabled(), without weights: the float32
+    arithmetic on their values, dx rounded once (stored plainly); the compute dtype is
+    float32 for them.
     """
-    cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
+    cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
+    if half and weights is not None:
+        raise TypeError("weights need x of float32 or float64")
+    cdef bint f32 = half or _is_float32(x)
+    cdef int ct = cnp.NPY_FLOAT32 if half else t
     for arr, what in ((x, "x"), (dy, "dy"), (out, "out")):
         _require(arr, t, what)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
@@ -1769,7 +1864,7 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
             or out.shape[1] != C or out.shape[2] != M:
         raise ValueError("backward: shapes do not match")
     for arr, what in ((mean, "mean"), (variance, "variance"), (scale, "scale")):
-        _check_vector(arr, t, C, what)
+        _check_vector(arr, ct, C, what)
     cdef void* wt = NULL
     cdef Py_ssize_t ws_n = 0, ws_m = 0
     cdef double total = <double>(N * M)
@@ -1800,7 +1895,11 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     cdef const double* vp = _doubles(variance, room + C)
     cdef const double* sp = _doubles(scale, room + 2 * C)
     with nogil:
-        if f32:
+        if half:
+            _backward_halves(<const unsigned short*>xp, <const unsigned short*>gp,
+                             <unsigned short*>op, &g, mp, vp, sp, epsilon, training, total,
+                             n_threads, work, s1, s2)
+        elif f32:
             _backward(<float*>NULL, <const float*>xp, <const float*>gp, <float*>op, &g, mp, vp,
                       sp, epsilon, training, <const float*>wt, ws_n, ws_m, total, stream,
                       n_threads, work, s1, s2)

@@ -343,11 +343,18 @@ class CythonBackend(Backend):
 
     def backward(self, x, dy, mean, variance, scale, epsilon, training, weights=None,
                  out=None):
-        xk = self._input(x)
-        dk = self._input(dy)
-        y = self._output(dy, dk, out)
-        w = position_weights(weights, dk)
-        vector, ct = self._vector, dk.dtype
+        if (weights is None and x.dtype == _F16 and self._halves and x.flags.c_contiguous
+                and dy.flags.c_contiguous):
+            # Read and written as float16 by the kernel itself: no float32 copies.
+            xk, dk, w, ct = x, dy, None, np.dtype(np.float32)
+            y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
+        else:
+            xk = self._input(x)
+            dk = self._input(dy)
+            y = self._output(dy, dk, out)
+            w = position_weights(weights, dk)
+            ct = dk.dtype
+        vector = self._vector
         sum_dy, sum_dy_xhat = self._run(
             self._k.backward, dk.size, xk, dk, y, vector(mean, ct), vector(variance, ct),
             vector(scale, ct), float(epsilon), bool(training), w, self._stream(y))
