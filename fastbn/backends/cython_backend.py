@@ -187,8 +187,10 @@ class CythonBackend(Backend):
         mode = "OpenMP" if self.openmp else "serial: built without OpenMP"
         self.stream_bytes = stream_bytes()
         self.guard = ContentionGuard()
-        self.description = (f"Cython fused kernels ({self.isa}, {mode}; outputs from "
-                            f"{self.stream_bytes / 2**20:g} MiB streamed)")
+        halves = "float16 read and written by the kernels" if self._halves else \
+            "float16 through float32 copies"
+        self.description = (f"Cython fused kernels ({self.isa}, {mode}; {halves}; outputs "
+                            f"from {self.stream_bytes / 2**20:g} MiB streamed)")
 
     def threads(self, size=None):
         """Threads for a kernel call (on `size` elements: small ones run on one)."""
