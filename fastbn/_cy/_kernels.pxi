@@ -1469,10 +1469,20 @@ cdef void _infer(const floating* x, floating* y, Geometry* g, const floating* me
 cdef inline void _halves_item(const unsigned short* x, unsigned short* y, Geometry* g,
                               const float* m, const float* k, const float* b, bint relu,
                               Py_ssize_t item) noexcept nogil:
-    """One work item of _infer_halves: a row (its channels' parameters), or a run (one
-    channel's)."""
-    cdef Py_ssize_t c
-    if g.M == 1:
+    """One work item of _affine_halves: a row (its channels' parameters); in rows wider
+    than NORM_TILE, a tile of NORM_TILE channels x NORM_ROWS rows, as _affine_item goes,
+    so that the tile's parameters stay in L1; or a run (one channel's)."""
+    cdef Py_ssize_t c, n_tiles, r0, r1, c0, w, r
+    if g.M == 1 and g.C > NORM_TILE:
+        n_tiles = (g.C + NORM_TILE - 1) // NORM_TILE
+        r0 = (item // n_tiles) * NORM_ROWS
+        r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < g.N else g.N
+        c0 = (item % n_tiles) * NORM_TILE
+        w = g.C - c0 if g.C - c0 < NORM_TILE else NORM_TILE
+        for r in range(r0, r1):
+            fastbn_affine_halves(x + r * g.C + c0, y + r * g.C + c0, w, m + c0, k + c0, b + c0,
+                                 True, relu)
+    elif g.M == 1:
         fastbn_affine_halves(x + item * g.C, y + item * g.C, g.C, m, k, b, True, relu)
     else:
         c = item % g.C
@@ -1488,6 +1498,8 @@ cdef void _affine_halves(const unsigned short* x, unsigned short* y, Geometry* g
     once), stored plainly."""
     cdef Py_ssize_t n_items = g.N if g.M == 1 else g.N * g.C, item
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    if g.M == 1 and g.C > NORM_TILE:
+        n_items = ((g.N + NORM_ROWS - 1) // NORM_ROWS) * ((g.C + NORM_TILE - 1) // NORM_TILE)
     if nt == 1:
         for item in range(n_items):
             _halves_item(x, y, g, m, k, b, relu, item)
