@@ -13,6 +13,10 @@ Outputs of at least FASTBN_STREAM_BYTES (default: half the last-level cache)
 are written with non-temporal stores: they cannot stay cached anyway, and
 writing around the cache saves the read of each line before it is written
 and keeps the input cached for the passes that read it again.
+float16 data is computed in float32 and rounded once.  The avx2 build (F16C)
+reads and writes C-contiguous float16 in the kernels themselves; strided
+float16, float16 with weights, and the baseline build go through float32
+copies.  The bits are the same either way.
 """
 
 import glob
@@ -222,7 +226,7 @@ class CythonBackend(Backend):
     def _input(self, x):
         """x as the C-contiguous float32/float64 array the kernels read."""
         if x.dtype == _F16:
-            if self._halves and x.flags.c_contiguous:
+            if self._reads_halves(x):
                 xk = np.empty(x.shape, np.float32)
                 self._run(self._k.halves_to_floats, x.size, x, xk)
                 return xk
@@ -239,6 +243,17 @@ class CythonBackend(Backend):
         if xk is not x:
             return xk
         return np.empty(xk.shape, xk.dtype)
+
+    def _reads_halves(self, x, dy=None):
+        """Whether the kernels read x (and dy, of x's dtype) as they are: float16,
+        C-contiguous, and a build whose kernels convert float16 themselves."""
+        return (x.dtype == _F16 and self._halves and x.flags.c_contiguous
+                and (dy is None or dy.flags.c_contiguous))
+
+    @staticmethod
+    def _half_output(x, out):
+        """Where the kernels write a float16 result of x's shape: `out` if they can."""
+        return out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
 
     @staticmethod
     def _vector(v, ct):
@@ -267,7 +282,7 @@ class CythonBackend(Backend):
 
     # -- protocol ----------------------------------------------------------------
     def moments(self, x, weights=None):
-        if weights is None and x.dtype == _F16 and self._halves and x.flags.c_contiguous:
+        if weights is None and self._reads_halves(x):
             # Widened by the kernel a block at a time: no float32 copy.
             return self._run(self._k.moments, x.size, x, None)
         xk = self._input(x)
@@ -291,10 +306,9 @@ class CythonBackend(Backend):
         return self._finish(x, y, out)
 
     def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
-        if x.dtype == _F16 and self._halves and x.flags.c_contiguous:
+        if self._reads_halves(x):
             # Read and written as float16 by the kernel itself: no float32 copies.
-            xk, ct = x, np.dtype(np.float32)
-            y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
+            xk, ct, y = x, np.dtype(np.float32), self._half_output(x, out)
         else:
             xk = self._input(x)
             ct = xk.dtype
@@ -309,14 +323,14 @@ class CythonBackend(Backend):
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         if weights is not None:
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
-        if x.dtype == _F16 and self._halves and x.flags.c_contiguous:
+        if self._reads_halves(x):
             # Statistics and normalization read (and written) as float16 by the kernels
             # themselves, with the training kernel's multipliers (float64, then float32):
             # its bits, rounded once.
             mean, var = self.moments(x)
             f32 = np.dtype(np.float32)
             k = (np.asarray(scale, np.float64) / np.sqrt(var + epsilon)).astype(f32)
-            y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
+            y = self._half_output(x, out)
             self._run(self._k.normalize, x.size, x, y, mean.astype(f32), k,
                       np.ascontiguousarray(offset, f32), bool(relu), False)
             return self._finish(x, y, out), mean, var
@@ -345,11 +359,10 @@ class CythonBackend(Backend):
 
     def backward(self, x, dy, mean, variance, scale, epsilon, training, weights=None,
                  out=None):
-        if (weights is None and x.dtype == _F16 and self._halves and x.flags.c_contiguous
-                and dy.flags.c_contiguous):
+        if weights is None and self._reads_halves(x, dy):
             # Read and written as float16 by the kernel itself: no float32 copies.
             xk, dk, w, ct = x, dy, None, np.dtype(np.float32)
-            y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
+            y = self._half_output(x, out)
         else:
             xk = self._input(x)
             dk = self._input(dy)
