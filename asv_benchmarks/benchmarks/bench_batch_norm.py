@@ -5,6 +5,8 @@ track_*: a checksum of the result, so that a commit that changes the numbers
 shows as a step in the graph.
 """
 
+import numpy as np
+
 import fastbn
 
 from .common import Benchmark, checksum
@@ -80,3 +82,25 @@ class Layer(Benchmark):
                                       scope="bn", reuse=fastbn.AUTO_REUSE,
                                       updates_collections=None)
             tape.gradient(y, [self.x], output_gradients=self.dy)
+
+
+class _Float16Data:
+    """The same benchmarks on float16 data, with float32 parameters as TF takes them."""
+
+    def setup(self, backend, case):
+        super().setup(backend, case)
+        self.x = self.x.astype(np.float16)
+        self.dy = self.dy.astype(np.float16)
+        self.out = np.empty_like(self.x)
+
+
+class TrainForwardFloat16(_Float16Data, TrainForward):
+    pass
+
+
+class InferenceFloat16(_Float16Data, Inference):
+    pass
+
+
+class BackwardFloat16(_Float16Data, Backward):
+    pass
