@@ -291,7 +291,8 @@ def test_float16_inference_kernel_is_the_float32_one_rounded(shape, relu):
 
 
 @pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
-@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (640, 1500, 1)])
+# Runs cut into chunks, the last of one value: (2, 2, 32769).
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (2, 2, 32769), (640, 1500, 1)])
 @pytest.mark.parametrize("loc", [3.0, 3000.0])
 def test_float16_statistics_are_those_of_the_float32_values(shape, loc):
     """The kernels' float16 statistics (widened block by block): the same bits as from a
@@ -309,7 +310,8 @@ def test_float16_statistics_are_those_of_the_float32_values(shape, loc):
 
 
 @pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
-@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (9, 1500, 1), (50, 13, 1)])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (2, 2, 32769), (9, 1500, 1),
+                                   (50, 13, 1)])
 @pytest.mark.parametrize("training", [True, False])
 def test_float16_backward_kernel_is_the_float32_one_rounded(shape, training):
     """The kernels' own float16 backward: the gradient sums of the float32 values (same

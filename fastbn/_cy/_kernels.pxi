@@ -268,6 +268,49 @@ cdef Geometry _geometry(Py_ssize_t N, Py_ssize_t C, Py_ssize_t M) noexcept nogil
 
 
 # ---------------------------------------------------------------------------
+# where each statistics block lies (a function of the shape only)
+
+cdef struct Block:
+    # rows layout: rows r0..r1 of channels c0..c0 + w, row tile rt
+    Py_ssize_t rt, c0, w, r0, r1
+    # runs layout: block blk of channel c, its runs n0..n1 from m0, length values each
+    Py_ssize_t c, blk, n0, n1, m0, length
+    # where its per-channel results go (slot + j for its j-th channel)
+    Py_ssize_t slot
+
+
+cdef inline Block _runs_of(Geometry* g, Py_ssize_t c, Py_ssize_t blk) noexcept nogil:
+    """Where block blk of channel c lies in the runs layout (a group of runs, or a chunk
+    of one run)."""
+    cdef Block k
+    memset(&k, 0, sizeof(Block))
+    k.c = c
+    k.blk = blk
+    k.n0 = (blk // g.chunks_per_run) * g.runs_per_block
+    k.n1 = k.n0 + g.runs_per_block if k.n0 + g.runs_per_block < g.N else g.N
+    k.m0 = (blk % g.chunks_per_run) * g.chunk
+    k.length = g.M - k.m0 if g.M - k.m0 < g.chunk else g.chunk
+    k.slot = blk * g.C + c
+    return k
+
+
+cdef inline Block _block(Geometry* g, Py_ssize_t b) noexcept nogil:
+    """Where statistics block b lies: a row tile x channel tile (rows layout), or one of a
+    channel's blocks (runs layout)."""
+    cdef Block k
+    if g.M != 1:
+        return _runs_of(g, b // g.blocks_per_channel, b % g.blocks_per_channel)
+    memset(&k, 0, sizeof(Block))
+    k.rt = b // g.n_channel_tiles
+    k.c0 = (b % g.n_channel_tiles) * g.channel_tile
+    k.w = g.C - k.c0 if g.C - k.c0 < g.channel_tile else g.channel_tile
+    k.r0 = k.rt * g.row_tile
+    k.r1 = k.r0 + g.row_tile if k.r0 + g.row_tile < g.N else g.N
+    k.slot = k.rt * g.C + k.c0
+    return k
+
+
+# ---------------------------------------------------------------------------
 # per-block statistics, rows layout (x[n*C + c])
 
 cdef bint _shifted_moments(double n, double shift, double s1, double s2, double* mean,
@@ -499,17 +542,11 @@ cdef void _run_sums(const floating* p, Py_ssize_t length, floating centre,
 cdef void _runs_block(const floating* x, Geometry* g, Py_ssize_t c, Py_ssize_t block,
                       double* count, double* mean, double* m2) noexcept nogil:
     """Mean and M2 of one block of channel c (a group of runs, or a chunk of one run)."""
-    cdef Py_ssize_t group = block // g.chunks_per_run
-    cdef Py_ssize_t chunk = block % g.chunks_per_run
-    cdef Py_ssize_t n0 = group * g.runs_per_block
-    cdef Py_ssize_t n1 = n0 + g.runs_per_block
-    cdef Py_ssize_t m0 = chunk * g.chunk
-    cdef Py_ssize_t length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
+    cdef Block k = _runs_of(g, c, block)
+    cdef Py_ssize_t n0 = k.n0, n1 = k.n1, m0 = k.m0, length = k.length
     cdef Py_ssize_t n
     cdef double s1 = 0.0, s2 = 0.0, total
     cdef floating centre
-    if n1 > g.N:
-        n1 = g.N
     total = <double>((n1 - n0) * length)
     count[0] = total
     cdef floating first = x[(n0 * g.C + c) * g.M + m0]
@@ -533,18 +570,12 @@ cdef void _runs_block_weighted(const floating* x, Geometry* g, Py_ssize_t c, Py_
                                const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_c,
                                Py_ssize_t ws_m,
                                double* count, double* mean, double* m2) noexcept nogil:
-    cdef Py_ssize_t group = block // g.chunks_per_run
-    cdef Py_ssize_t chunk = block % g.chunks_per_run
-    cdef Py_ssize_t n0 = group * g.runs_per_block
-    cdef Py_ssize_t n1 = n0 + g.runs_per_block
-    cdef Py_ssize_t m0 = chunk * g.chunk
-    cdef Py_ssize_t length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
+    cdef Block k = _runs_of(g, c, block)
+    cdef Py_ssize_t n0 = k.n0, n1 = k.n1, m0 = k.m0, length = k.length
     cdef Py_ssize_t n, m
     cdef const floating* p
     cdef const floating* q
     cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, a, v, centre
-    if n1 > g.N:
-        n1 = g.N
     cdef double first = x[(n0 * g.C + c) * g.M + m0]
     for n in range(n0, n1):
         p = x + (n * g.C + c) * g.M + m0
@@ -632,44 +663,15 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
             out_var[c] = out_var[c] / tot[c]
 
 
-cdef struct Block:
-    # rows layout: rows r0..r1 of channels c0..c0 + w, row tile rt
-    Py_ssize_t rt, c0, w, r0, r1
-    # runs layout: block blk of channel c, its runs n0..n1 from m0, length values each
-    Py_ssize_t c, blk, n0, n1, m0, length
-    # where its per-channel results go (slot + j for its j-th channel)
-    Py_ssize_t slot
-
-
-cdef inline Block _block(Geometry* g, Py_ssize_t b) noexcept nogil:
-    """Where statistics block b lies: a row tile x channel tile (rows layout), or one of a
-    channel's blocks (runs layout)."""
-    cdef Block k
-    memset(&k, 0, sizeof(Block))
-    if g.M == 1:
-        k.rt = b // g.n_channel_tiles
-        k.c0 = (b % g.n_channel_tiles) * g.channel_tile
-        k.w = g.C - k.c0 if g.C - k.c0 < g.channel_tile else g.channel_tile
-        k.r0 = k.rt * g.row_tile
-        k.r1 = k.r0 + g.row_tile if k.r0 + g.row_tile < g.N else g.N
-        k.slot = k.rt * g.C + k.c0
-    else:
-        k.c = b // g.blocks_per_channel
-        k.blk = b % g.blocks_per_channel
-        k.n0 = (k.blk // g.chunks_per_run) * g.runs_per_block
-        k.n1 = k.n0 + g.runs_per_block if k.n0 + g.runs_per_block < g.N else g.N
-        k.m0 = (k.blk % g.chunks_per_run) * g.chunk
-        k.length = g.M - k.m0 if g.M - k.m0 < g.chunk else g.chunk
-        k.slot = k.blk * g.C + k.c
-    return k
-
-
 cdef inline Geometry _widened(const unsigned short* x, Geometry* g, Block* k,
                               float* buf) noexcept nogil:
     """Block k of float16 data x widened into buf (at most BLOCK values), and the
-    geometry of buf as an array whose only block is that one (rows of the block's
-    channels, or its runs one after another)."""
+    geometry of buf as an array whose only block is that one, in x's layout: rows of the
+    block's channels, or its runs one after another (spelled out, for _runs_block and
+    _grad_runs_block: runs of one value would make M 1, the rows layout, to _geometry
+    and _block)."""
     cdef Py_ssize_t r, n
+    cdef Geometry one
     if g.M == 1:
         for r in range(k.r0, k.r1):
             fastbn_halves_to_floats(x + r * g.C + k.c0, buf + (r - k.r0) * k.w, k.w)
@@ -677,7 +679,16 @@ cdef inline Geometry _widened(const unsigned short* x, Geometry* g, Block* k,
     for n in range(k.n0, k.n1):
         fastbn_halves_to_floats(x + (n * g.C + k.c) * g.M + k.m0, buf + (n - k.n0) * k.length,
                                 k.length)
-    return _geometry(k.n1 - k.n0, 1, k.length)
+    memset(&one, 0, sizeof(Geometry))
+    one.N = k.n1 - k.n0
+    one.C = 1
+    one.M = k.length
+    one.runs_per_block = one.N
+    one.chunk = k.length
+    one.chunks_per_run = 1
+    one.n_groups = 1
+    one.blocks_per_channel = 1
+    return one
 
 
 cdef void _stats_item_halves(const unsigned short* x, Geometry* g, double* count,
@@ -687,35 +698,34 @@ cdef void _stats_item_halves(const unsigned short* x, Geometry* g, double* count
     cdef float buf[BLOCK]
     cdef Block k = _block(g, b)
     cdef Geometry one = _widened(x, g, &k, buf)
-    _stats_item(buf, &one, <const float*>NULL, 0, 0, 0, count + k.slot, mean + k.slot,
-                m2 + k.slot, 0)
+    if g.M == 1:
+        _stats_item(buf, &one, <const float*>NULL, 0, 0, 0, count + k.slot, mean + k.slot,
+                    m2 + k.slot, 0)
+    else:
+        _runs_block(buf, &one, 0, 0, count + k.slot, mean + k.slot, m2 + k.slot)
 
 
 cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
                              Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, double* count,
                              double* mean, double* m2, Py_ssize_t b) noexcept nogil:
     """Statistics of block b (see _block)."""
-    cdef Py_ssize_t C = g.C, rt, c0, w, r0, r1, c, blk, j
+    cdef Py_ssize_t j
     cdef double scratch[3 * CHANNEL_TILE]
     cdef Block k = _block(g, b)
-    if g.M == 1:
-        rt, c0, w, r0, r1 = k.rt, k.c0, k.w, k.r0, k.r1
-        if wt == NULL:
-            _rows_block(x, C, r0, r1, c0, w, scratch, scratch + CHANNEL_TILE, mean + rt * C + c0,
-                        m2 + rt * C + c0)
-            for j in range(w):
-                count[rt * C + c0 + j] = <double>(r1 - r0)
-        else:
-            _rows_block_weighted(x, C, r0, r1, c0, w, wt, ws_n, ws_c, scratch,
-                                 scratch + CHANNEL_TILE, scratch + 2 * CHANNEL_TILE,
-                                 count + rt * C + c0, mean + rt * C + c0, m2 + rt * C + c0)
+    if g.M == 1 and wt == NULL:
+        _rows_block(x, g.C, k.r0, k.r1, k.c0, k.w, scratch, scratch + CHANNEL_TILE,
+                    mean + k.slot, m2 + k.slot)
+        for j in range(k.w):
+            count[k.slot + j] = <double>(k.r1 - k.r0)
+    elif g.M == 1:
+        _rows_block_weighted(x, g.C, k.r0, k.r1, k.c0, k.w, wt, ws_n, ws_c, scratch,
+                             scratch + CHANNEL_TILE, scratch + 2 * CHANNEL_TILE,
+                             count + k.slot, mean + k.slot, m2 + k.slot)
+    elif wt == NULL:
+        _runs_block(x, g, k.c, k.blk, count + k.slot, mean + k.slot, m2 + k.slot)
     else:
-        c, blk = k.c, k.blk
-        if wt == NULL:
-            _runs_block(x, g, c, blk, count + blk * C + c, mean + blk * C + c, m2 + blk * C + c)
-        else:
-            _runs_block_weighted(x, g, c, blk, wt, ws_n, ws_c, ws_m, count + blk * C + c,
-                                 mean + blk * C + c, m2 + blk * C + c)
+        _runs_block_weighted(x, g, k.c, k.blk, wt, ws_n, ws_c, ws_m, count + k.slot,
+                             mean + k.slot, m2 + k.slot)
 
 
 cdef void _stats(const floating* x, Geometry* g, const floating* wt,
@@ -1092,38 +1102,33 @@ cdef void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_t lengt
         i += 1
 
 
+cdef void _grad_runs_block(const floating* x, const floating* dy, Geometry* g, Py_ssize_t c,
+                           Py_ssize_t blk, const double* mean, double* sum1,
+                           double* sum2) noexcept nogil:
+    """sum(dy) and sum(dy * (x - mean[c])) over block blk of channel c (runs layout),
+    into sum1[0] and sum2[0]."""
+    cdef Block k = _runs_of(g, c, blk)
+    cdef Py_ssize_t n, i
+    cdef double s1 = 0.0, s2 = 0.0
+    cdef floating centre = <floating>mean[c]
+    for n in range(k.n0, k.n1):
+        i = (n * g.C + c) * g.M + k.m0
+        _grad_run_sums(x + i, dy + i, k.length, centre, &s1, &s2)
+    sum1[0] = s1
+    # The centre the data type used differs from mean by a rounding: correct for it.
+    sum2[0] = s2 + (<double>centre - mean[c]) * s1
+
+
 cdef inline void _grad_sums_item(const floating* x, const floating* dy, Geometry* g,
                                  const double* mean, double* part1, double* part2,
                                  Py_ssize_t b) noexcept nogil:
     """The gradient sums of block b (the blocks of _stats), into part1/part2."""
-    cdef Py_ssize_t C = g.C, rt, c0, w, r0, r1, c, blk, group, chunk, n0, n1, m0, length, n
-    cdef double s1, s2
-    cdef floating centre
+    cdef Block k = _block(g, b)
     if g.M == 1:
-        rt = b // g.n_channel_tiles
-        c0 = (b % g.n_channel_tiles) * g.channel_tile
-        w = C - c0 if C - c0 < g.channel_tile else g.channel_tile
-        r0 = rt * g.row_tile
-        r1 = r0 + g.row_tile if r0 + g.row_tile < g.N else g.N
-        _grad_rows_block(x, dy, C, r0, r1, c0, w, mean, part1 + rt * C + c0,
-                         part2 + rt * C + c0)
-        return
-    c = b // g.blocks_per_channel
-    blk = b % g.blocks_per_channel
-    group = blk // g.chunks_per_run
-    chunk = blk % g.chunks_per_run
-    n0 = group * g.runs_per_block
-    n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
-    m0 = chunk * g.chunk
-    length = g.M - m0 if g.M - m0 < g.chunk else g.chunk
-    centre = <floating>mean[c]
-    s1 = 0.0
-    s2 = 0.0
-    for n in range(n0, n1):
-        _grad_run_sums(x + (n * C + c) * g.M + m0, dy + (n * C + c) * g.M + m0, length,
-                       centre, &s1, &s2)
-    part1[blk * C + c] = s1
-    part2[blk * C + c] = s2 + (<double>centre - mean[c]) * s1
+        _grad_rows_block(x, dy, g.C, k.r0, k.r1, k.c0, k.w, mean, part1 + k.slot,
+                         part2 + k.slot)
+    else:
+        _grad_runs_block(x, dy, g, k.c, k.blk, mean, part1 + k.slot, part2 + k.slot)
 
 
 cdef void _grad_sums_item_halves(const unsigned short* x, const unsigned short* dy,
@@ -1136,8 +1141,10 @@ cdef void _grad_sums_item_halves(const unsigned short* x, const unsigned short* 
     cdef Block k = _block(g, b)
     cdef Geometry one = _widened(x, g, &k, bx)
     _widened(dy, g, &k, bd)
-    _grad_sums_item(bx, bd, &one, mean + (k.c0 if g.M == 1 else k.c), part1 + k.slot,
-                    part2 + k.slot, 0)
+    if g.M == 1:
+        _grad_sums_item(bx, bd, &one, mean + k.c0, part1 + k.slot, part2 + k.slot, 0)
+    else:
+        _grad_runs_block(bx, bd, &one, 0, 0, mean + k.c, part1 + k.slot, part2 + k.slot)
 
 
 cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const double* mean,
@@ -1696,7 +1703,7 @@ cdef void _backward_channelwise(const floating* x, const floating* dy, floating*
                                 double total, bint stream, int nt, double* sum_dy,
                                 double* sum_dy_xhat) noexcept nogil:
     """_grad_sums then the input gradient, one channel at a time per thread."""
-    cdef Py_ssize_t c, blk, group, chunk, n0, n1, m0, length, n, i, M = g.M, C = g.C
+    cdef Py_ssize_t c, blk, n, i, M = g.M, C = g.C
     cdef double s1, s2, t1, t2, inv, k
     cdef floating centre, ac, bc, cc
     with parallel(num_threads=nt):
@@ -1705,24 +1712,18 @@ cdef void _backward_channelwise(const floating* x, const floating* dy, floating*
             t1 = 0.0
             t2 = 0.0
             for blk in range(g.blocks_per_channel):
-                group = blk // g.chunks_per_run
-                chunk = blk % g.chunks_per_run
-                n0 = group * g.runs_per_block
-                n1 = n0 + g.runs_per_block if n0 + g.runs_per_block < g.N else g.N
-                m0 = chunk * g.chunk
-                length = M - m0 if M - m0 < g.chunk else g.chunk
+                # Assigned here, not only through pointers, so that Cython makes them
+                # private to each thread.
                 s1 = 0.0
                 s2 = 0.0
-                for n in range(n0, n1):
-                    _grad_run_sums(x + (n * C + c) * M + m0, dy + (n * C + c) * M + m0,
-                                   length, centre, &s1, &s2)
+                _grad_runs_block(x, dy, g, c, blk, mean, &s1, &s2)
                 # _grad_sums' arithmetic, for this channel alone.
                 if blk == 0:
                     t1 = s1
-                    t2 = s2 + (<double>centre - mean[c]) * s1
+                    t2 = s2
                 else:
                     t1 = t1 + s1
-                    t2 = t2 + (s2 + (<double>centre - mean[c]) * s1)
+                    t2 = t2 + s2
             inv = 1.0 / sqrt(variance[c] + epsilon)
             sum_dy[c] = t1
             sum_dy_xhat[c] = t2 * inv
