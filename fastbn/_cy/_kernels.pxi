@@ -939,6 +939,24 @@ cdef floating* _wrapped_parameters(const floating* m, const floating* k, const f
     return ext
 
 
+cdef inline Py_ssize_t _norm_tiles(Geometry* g) noexcept nogil:
+    """How many tiles of NORM_TILE channels x NORM_ROWS rows cover rows wider than
+    NORM_TILE (the elementwise passes' work items there)."""
+    return ((g.N + NORM_ROWS - 1) // NORM_ROWS) * ((g.C + NORM_TILE - 1) // NORM_TILE)
+
+
+cdef inline Block _norm_tile(Geometry* g, Py_ssize_t item) noexcept nogil:
+    """Where tile `item` of _norm_tiles lies: rows r0..r1, channels c0..c0 + w."""
+    cdef Block t
+    cdef Py_ssize_t n_tiles = (g.C + NORM_TILE - 1) // NORM_TILE
+    memset(&t, 0, sizeof(Block))
+    t.r0 = (item // n_tiles) * NORM_ROWS
+    t.r1 = t.r0 + NORM_ROWS if t.r0 + NORM_ROWS < g.N else g.N
+    t.c0 = (item % n_tiles) * NORM_TILE
+    t.w = g.C - t.c0 if g.C - t.c0 < NORM_TILE else NORM_TILE
+    return t
+
+
 cdef inline void _affine_item(const floating* x, const floating* dy, floating* y, Geometry* g,
                               const floating* m, const floating* k, const floating* b,
                               const floating* a, const floating* wt, Py_ssize_t ws_n,
@@ -946,20 +964,18 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
                               Py_ssize_t wrap, Py_ssize_t item) noexcept nogil:
     """One work item of _affine: a stretch of STRETCH elements (where `ext` holds the
     wrapped parameters), a tile of NORM_ROWS wide rows, a row, or a run."""
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_tiles, r0, r1, c0, w, r, c
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, c0
     cdef Py_ssize_t width = C + wrap, e0 = item * STRETCH
+    cdef Block t
     if ext != NULL:
         _affine_stretch(x, dy, y, e0, e0 + STRETCH if e0 + STRETCH < N * C else N * C, C,
                         ext, ext + width, ext + 2 * width,
                         NULL if a == NULL else ext + 3 * width, wrap, relu, stream)
     elif M == 1 and C > NORM_TILE:
-        n_tiles = (C + NORM_TILE - 1) // NORM_TILE
-        r0 = (item // n_tiles) * NORM_ROWS
-        r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < N else N
-        c0 = (item % n_tiles) * NORM_TILE
-        w = C - c0 if C - c0 < NORM_TILE else NORM_TILE
-        for r in range(r0, r1):
-            _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, w,
+        t = _norm_tile(g, item)
+        c0 = t.c0
+        for r in range(t.r0, t.r1):
+            _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, t.w,
                             m + c0, k + c0, b + c0, _offset(a, c0),
                             1 if wt == NULL else wt[r * ws_n], relu, stream)
     elif M == 1:
@@ -998,7 +1014,7 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     if ext != NULL:
         n_items = (N * C + STRETCH - 1) // STRETCH
     elif M == 1 and C > NORM_TILE:
-        n_items = ((N + NORM_ROWS - 1) // NORM_ROWS) * ((C + NORM_TILE - 1) // NORM_TILE)
+        n_items = _norm_tiles(g)
     elif M == 1:
         n_items = N
     else:
@@ -1236,17 +1252,26 @@ def f16c_enabled():
     return bool(fastbn_have_f16c())
 
 
+cdef inline void _convert_range(const void* src, void* dst, Py_ssize_t lo, Py_ssize_t hi,
+                                bint to_floats) noexcept nogil:
+    if to_floats:
+        fastbn_halves_to_floats(<const unsigned short*>src + lo, <float*>dst + lo, hi - lo)
+    else:
+        fastbn_floats_to_halves(<const float*>src + lo, <unsigned short*>dst + lo, hi - lo)
+
+
 cdef void _convert(const void* src, void* dst, Py_ssize_t n, bint to_floats,
                    int n_threads) noexcept nogil:
     cdef Py_ssize_t pieces = (n + BLOCK - 1) // BLOCK, p, lo, hi
     cdef int nt = _threads(n, n_threads)
+    if nt == 1:
+        # An OpenMP region costs about a microsecond even on one thread.
+        _convert_range(src, dst, 0, n, to_floats)
+        return
     for p in prange(pieces, schedule="static", num_threads=nt):
         lo = p * BLOCK
         hi = lo + BLOCK if lo + BLOCK < n else n
-        if to_floats:
-            fastbn_halves_to_floats(<const unsigned short*>src + lo, <float*>dst + lo, hi - lo)
-        else:
-            fastbn_floats_to_halves(<const float*>src + lo, <unsigned short*>dst + lo, hi - lo)
+        _convert_range(src, dst, lo, hi, to_floats)
 
 
 cdef void _check_conversion(cnp.ndarray src, int src_type, cnp.ndarray dst,
@@ -1479,16 +1504,13 @@ cdef inline void _halves_item(const unsigned short* x, unsigned short* y, Geomet
     """One work item of _affine_halves: a row (its channels' parameters); in rows wider
     than NORM_TILE, a tile of NORM_TILE channels x NORM_ROWS rows, as _affine_item goes,
     so that the tile's parameters stay in L1; or a run (one channel's)."""
-    cdef Py_ssize_t c, n_tiles, r0, r1, c0, w, r
+    cdef Py_ssize_t c, r
+    cdef Block t
     if g.M == 1 and g.C > NORM_TILE:
-        n_tiles = (g.C + NORM_TILE - 1) // NORM_TILE
-        r0 = (item // n_tiles) * NORM_ROWS
-        r1 = r0 + NORM_ROWS if r0 + NORM_ROWS < g.N else g.N
-        c0 = (item % n_tiles) * NORM_TILE
-        w = g.C - c0 if g.C - c0 < NORM_TILE else NORM_TILE
-        for r in range(r0, r1):
-            fastbn_affine_halves(x + r * g.C + c0, y + r * g.C + c0, w, m + c0, k + c0, b + c0,
-                                 True, relu)
+        t = _norm_tile(g, item)
+        for r in range(t.r0, t.r1):
+            fastbn_affine_halves(x + r * g.C + t.c0, y + r * g.C + t.c0, t.w, m + t.c0,
+                                 k + t.c0, b + t.c0, True, relu)
     elif g.M == 1:
         fastbn_affine_halves(x + item * g.C, y + item * g.C, g.C, m, k, b, True, relu)
     else:
@@ -1506,7 +1528,7 @@ cdef void _affine_halves(const unsigned short* x, unsigned short* y, Geometry* g
     cdef Py_ssize_t n_items = g.N if g.M == 1 else g.N * g.C, item
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     if g.M == 1 and g.C > NORM_TILE:
-        n_items = ((g.N + NORM_ROWS - 1) // NORM_ROWS) * ((g.C + NORM_TILE - 1) // NORM_TILE)
+        n_items = _norm_tiles(g)
     if nt == 1:
         for item in range(n_items):
             _halves_item(x, y, g, m, k, b, relu, item)
