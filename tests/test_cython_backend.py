@@ -310,8 +310,25 @@ def test_float16_statistics_are_those_of_the_float32_values(shape, loc):
 
 
 @pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
+@pytest.mark.parametrize("shape", [(640, 300, 1), (700, 13, 1), (300, 2, 49), (3, 2, 5000)])
+def test_float16_statistics_of_blocks_reduced_twice(shape):
+    """Blocks whose first value lies far from their mean are reduced again, centred on
+    it: from float16 data too (widened whole, where the first pass widens a piece at a
+    time), with the bits of a float32 copy."""
+    x = _data(shape, np.float16)
+    # The first row (or run) of every channel's first block.
+    x[0] = 900.0
+    for kernels in HALF_KERNELS:
+        want = [_bits(a) for a in kernels.moments(x.astype(np.float32), None, 2)]
+        for threads in (1, 2):
+            got = [_bits(a) for a in kernels.moments(x, None, threads)]
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
 @pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (2, 2, 32769), (9, 1500, 1),
-                                   (50, 13, 1)])
+                                   (50, 13, 1), (300, 2, 49)])
 @pytest.mark.parametrize("training", [True, False])
 def test_float16_backward_kernel_is_the_float32_one_rounded(shape, training):
     """The kernels' own float16 backward: the gradient sums of the float32 values (same

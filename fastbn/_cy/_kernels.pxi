@@ -95,6 +95,7 @@ cdef extern from *:
     #include <immintrin.h>
     #include <math.h>
     static int fastbn_have_f16c(void) { return 1; }
+    static float fastbn_half_to_float(unsigned short h) { return _cvtsh_ss(h); }
     static void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) {
         Py_ssize_t i = 0;
         for (; i + 8 <= n; i += 8)
@@ -136,6 +137,7 @@ cdef extern from *:
     }
     #else
     static int fastbn_have_f16c(void) { return 0; }
+    static float fastbn_half_to_float(unsigned short h) { return 0; }
     static void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) {}
     static void fastbn_floats_to_halves(const float* s, unsigned short* d, Py_ssize_t n) {}
     static void fastbn_affine_halves(const unsigned short* x, unsigned short* y, Py_ssize_t n,
@@ -144,6 +146,7 @@ cdef extern from *:
     #endif
     """
     int fastbn_have_f16c() noexcept nogil
+    float fastbn_half_to_float(unsigned short h) noexcept nogil
     void fastbn_halves_to_floats(const unsigned short* s, float* d, Py_ssize_t n) noexcept nogil
     void fastbn_floats_to_halves(const float* s, unsigned short* d, Py_ssize_t n) noexcept nogil
     void fastbn_affine_halves(const unsigned short* x, unsigned short* y, Py_ssize_t n,
@@ -159,6 +162,10 @@ DEF BLOCK = 32768
 # Inner sums in the data type run over this many rows (rows layout) or 8-lane steps
 # (runs layout) before they are flushed into float64.
 DEF FLUSH = 64
+# float16 data is widened to float32 about this many values at a time (rows layout:
+# whole rows, see _piece_rows; runs layout: FLUSH steps of 32 lanes exactly), into a
+# buffer that stays in L1 while the float32 arithmetic reads it.
+DEF HALF_PIECE = 2048
 # Below this many elements the kernels stay on one thread: forking costs more.
 DEF SERIAL_BELOW = 65536
 # Channels per block in the rows layout.
@@ -325,57 +332,47 @@ cdef bint _shifted_moments(double n, double shift, double s1, double s2, double*
     return not (m * m > ILL_CONDITIONED * var)
 
 
-cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
-                      Py_ssize_t c0, Py_ssize_t w, double* d1, double* d2, double* mean,
-                      double* m2) noexcept nogil:
-    """Mean and M2 of rows r0..r1, channels c0..c0+w (w <= CHANNEL_TILE), into mean[c],
-    m2[c].  The inner sums live in local arrays, which the compiler knows alias nothing:
-    through pointers it may not vectorise the loop at all."""
-    cdef Py_ssize_t r, j, r_end
+cdef inline void _rows_sums(const floating* rows, Py_ssize_t stride, Py_ssize_t n,
+                            const floating* first, Py_ssize_t w, floating* s1,
+                            floating* s2) noexcept nogil:
+    """Adds sum(d) and sum(d*d), d = row - first, of n rows `stride` apart into s1[j],
+    s2[j] (local arrays of the caller, inlined: the compiler then knows they alias
+    nothing, and vectorises)."""
+    cdef Py_ssize_t r = 0, j
     cdef const floating* row
-    cdef const floating* first = x + r0 * C + c0
-    cdef double n = <double>(r1 - r0)
-    cdef floating v
-    cdef floating s1[CHANNEL_TILE]
-    cdef floating s2[CHANNEL_TILE]
-    for j in range(w):
-        d1[j] = 0.0
-        d2[j] = 0.0
     cdef const floating* row1
     cdef const floating* row2
     cdef const floating* row3
-    cdef floating v1, v2, v3
-    r = r0
-    while r < r1:
-        r_end = r + FLUSH if r + FLUSH < r1 else r1
+    cdef floating v, v1, v2, v3
+    # Four rows per visit of the accumulators: a quarter of their loads and stores.
+    while r + 4 <= n:
+        row = rows + r * stride
+        row1 = row + stride
+        row2 = row1 + stride
+        row3 = row2 + stride
         for j in range(w):
-            s1[j] = 0
-            s2[j] = 0
-        # Four rows per visit of the accumulators: a quarter of their loads and stores.
-        while r + 4 <= r_end:
-            row = x + r * C + c0
-            row1 = row + C
-            row2 = row1 + C
-            row3 = row2 + C
-            for j in range(w):
-                v = row[j] - first[j]
-                v1 = row1[j] - first[j]
-                v2 = row2[j] - first[j]
-                v3 = row3[j] - first[j]
-                s1[j] += (v + v1) + (v2 + v3)
-                s2[j] += (v * v + v1 * v1) + (v2 * v2 + v3 * v3)
-            r += 4
-        while r < r_end:
-            row = x + r * C + c0
-            for j in range(w):
-                v = row[j] - first[j]
-                s1[j] += v
-                s2[j] += v * v
-            r += 1
+            v = row[j] - first[j]
+            v1 = row1[j] - first[j]
+            v2 = row2[j] - first[j]
+            v3 = row3[j] - first[j]
+            s1[j] += (v + v1) + (v2 + v3)
+            s2[j] += (v * v + v1 * v1) + (v2 * v2 + v3 * v3)
+        r += 4
+    while r < n:
+        row = rows + r * stride
         for j in range(w):
-            d1[j] += s1[j]
-            d2[j] += s2[j]
-    # _shifted_moments for all channels at once, branch-free so that it vectorises.
+            v = row[j] - first[j]
+            s1[j] += v
+            s2[j] += v * v
+        r += 1
+
+
+cdef inline bint _rows_moments(const floating* first, const double* d1, const double* d2,
+                               double n, Py_ssize_t w, double* mean,
+                               double* m2) noexcept nogil:
+    """_shifted_moments for all channels of a rows block at once, branch-free so that it
+    vectorises; True where a shift cost too many digits."""
+    cdef Py_ssize_t j
     cdef double inv_n = 1.0 / n, m, var
     cdef int bad = 0
     for j in range(w):
@@ -384,8 +381,89 @@ cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t
         mean[j] = first[j] + m
         m2[j] = max(d2[j] - d1[j] * m, 0.0)
         bad += m * m > ILL_CONDITIONED * var
-    if bad:
+    return bad != 0
+
+
+cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
+                      Py_ssize_t c0, Py_ssize_t w, double* d1, double* d2, double* mean,
+                      double* m2) noexcept nogil:
+    """Mean and M2 of rows r0..r1, channels c0..c0+w (w <= CHANNEL_TILE), into mean[c],
+    m2[c].  The inner sums live in local arrays, which the compiler knows alias nothing:
+    through pointers it may not vectorise the loop at all."""
+    cdef Py_ssize_t r, j, r_end
+    cdef const floating* first = x + r0 * C + c0
+    cdef floating s1[CHANNEL_TILE]
+    cdef floating s2[CHANNEL_TILE]
+    for j in range(w):
+        d1[j] = 0.0
+        d2[j] = 0.0
+    r = r0
+    while r < r1:
+        r_end = r + FLUSH if r + FLUSH < r1 else r1
+        for j in range(w):
+            s1[j] = 0
+            s2[j] = 0
+        _rows_sums(x + r * C + c0, C, r_end - r, first, w, s1, s2)
+        r = r_end
+        for j in range(w):
+            d1[j] += s1[j]
+            d2[j] += s2[j]
+    if _rows_moments(first, d1, d2, <double>(r1 - r0), w, mean, m2):
         _rows_block_two_pass(x, C, r0, r1, c0, w, d1, d2, mean, m2)
+
+
+cdef inline Py_ssize_t _piece_rows(Py_ssize_t w) noexcept nogil:
+    """Rows of w float16 channels widened at a time: at most HALF_PIECE values (w is at
+    most CHANNEL_TILE: at least 8 rows), a whole number of _rows_sums' and
+    _grad_rows_sums' visits (4 and 2 rows), so that they add in the same order."""
+    cdef Py_ssize_t rows = (HALF_PIECE // w) // 4 * 4
+    return rows if rows >= 4 else 4
+
+
+cdef void _rows_block_halves(const unsigned short* x, Py_ssize_t C, Py_ssize_t r0,
+                             Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w, double* d1,
+                             double* d2, double* mean, double* m2) noexcept nogil:
+    """_rows_block of float16 data (F16C builds), its float32 arithmetic on the same
+    values (same bits): each FLUSH chunk widened a piece of rows at a time into a buffer
+    that stays in L1."""
+    cdef Py_ssize_t r, j, r_end, p_end, i, piece = _piece_rows(w)
+    cdef float first[CHANNEL_TILE]
+    cdef float buf[HALF_PIECE]
+    cdef float s1[CHANNEL_TILE]
+    cdef float s2[CHANNEL_TILE]
+    fastbn_halves_to_floats(x + r0 * C + c0, first, w)
+    for j in range(w):
+        d1[j] = 0.0
+        d2[j] = 0.0
+    r = r0
+    while r < r1:
+        r_end = r + FLUSH if r + FLUSH < r1 else r1
+        for j in range(w):
+            s1[j] = 0
+            s2[j] = 0
+        while r < r_end:
+            p_end = r + piece if r + piece < r_end else r_end
+            for i in range(r, p_end):
+                fastbn_halves_to_floats(x + i * C + c0, buf + (i - r) * w, w)
+            _rows_sums(buf, w, p_end - r, first, w, s1, s2)
+            r = p_end
+        for j in range(w):
+            d1[j] += s1[j]
+            d2[j] += s2[j]
+    if _rows_moments(first, d1, d2, <double>(r1 - r0), w, mean, m2):
+        _rows_two_pass_halves(x, C, r0, r1, c0, w, d1, d2, mean, m2)
+
+
+cdef void _rows_two_pass_halves(const unsigned short* x, Py_ssize_t C, Py_ssize_t r0,
+                                Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w, double* d1,
+                                double* d2, double* mean, double* m2) noexcept nogil:
+    """_rows_block_two_pass of float16 data: the block widened whole (it is reduced
+    twice), in a frame of its own that only an ill-conditioned block enters."""
+    cdef float buf[BLOCK]
+    cdef Py_ssize_t i
+    for i in range(r0, r1):
+        fastbn_halves_to_floats(x + i * C + c0, buf + (i - r0) * w, w)
+    _rows_block_two_pass(buf, w, 0, r1 - r0, 0, w, d1, d2, mean, m2)
 
 
 cdef void _rows_block_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
@@ -506,7 +584,7 @@ cdef inline double _lanes_sum(floating* acc, int lanes) noexcept nogil:
     return part[0]
 
 
-cdef void _run_sums(const floating* p, Py_ssize_t length, floating centre,
+cdef inline void _run_sums(const floating* p, Py_ssize_t length, floating centre,
                     double* sum1, double* sum2) noexcept nogil:
     """Adds sum(p - centre) and sum((p - centre)**2) over a run.
 
@@ -539,27 +617,42 @@ cdef void _run_sums(const floating* p, Py_ssize_t length, floating centre,
         i += 1
 
 
-cdef void _runs_block(const floating* x, Geometry* g, Py_ssize_t c, Py_ssize_t block,
-                      double* count, double* mean, double* m2) noexcept nogil:
-    """Mean and M2 of one block of channel c (a group of runs, or a chunk of one run)."""
-    cdef Block k = _runs_of(g, c, block)
-    cdef Py_ssize_t n0 = k.n0, n1 = k.n1, m0 = k.m0, length = k.length
+cdef inline void _block_run_sums(const floating* x, const unsigned short* halves, Geometry* g,
+                                 Block* k, floating centre, double* s1,
+                                 double* s2) noexcept nogil:
+    """_run_sums over every run of block k: of x, or of float16 data `halves` where
+    given (floating float, F16C builds)."""
     cdef Py_ssize_t n
+    if floating is float and halves != NULL:
+        _block_runs_halves(halves, NULL, g, k, centre, s1, s2)
+    else:
+        for n in range(k.n0, k.n1):
+            _run_sums(x + (n * g.C + k.c) * g.M + k.m0, k.length, centre, s1, s2)
+
+
+cdef void _runs_block(const floating* x, Geometry* g, Py_ssize_t c, Py_ssize_t block,
+                      double* count, double* mean, double* m2,
+                      const unsigned short* halves=NULL) noexcept nogil:
+    """Mean and M2 of one block of channel c (a group of runs, or a chunk of one run);
+    of float16 data `halves` instead of x where given."""
+    cdef Block k = _runs_of(g, c, block)
     cdef double s1 = 0.0, s2 = 0.0, total
-    cdef floating centre
-    total = <double>((n1 - n0) * length)
+    cdef floating first, centre
+    total = <double>((k.n1 - k.n0) * k.length)
     count[0] = total
-    cdef floating first = x[(n0 * g.C + c) * g.M + m0]
-    for n in range(n0, n1):
-        _run_sums(x + (n * g.C + c) * g.M + m0, length, first, &s1, &s2)
+    cdef Py_ssize_t start = (k.n0 * g.C + c) * g.M + k.m0
+    if floating is float and halves != NULL:
+        first = fastbn_half_to_float(halves[start])
+    else:
+        first = x[start]
+    _block_run_sums(x, halves, g, &k, first, &s1, &s2)
     if _shifted_moments(total, <double>first, s1, s2, mean, m2):
         return
     # Ill-conditioned: again, centred on the mean just found (the block is in cache).
     centre = <floating>mean[0]
     s2 = 0.0
     s1 = 0.0
-    for n in range(n0, n1):
-        _run_sums(x + (n * g.C + c) * g.M + m0, length, centre, &s1, &s2)
+    _block_run_sums(x, halves, g, &k, centre, &s1, &s2)
     mean[0] = <double>centre + s1 / total
     m2[0] = s2 - s1 * s1 / total
     if m2[0] < 0.0:
@@ -663,58 +756,22 @@ cdef void _merge(Geometry* g, double* count, double* mean, double* m2,
             out_var[c] = out_var[c] / tot[c]
 
 
-cdef inline Geometry _widened(const unsigned short* x, Geometry* g, Block* k,
-                              float* buf) noexcept nogil:
-    """Block k of float16 data x widened into buf (at most BLOCK values), and the
-    geometry of buf as an array whose only block is that one, in x's layout: rows of the
-    block's channels, or its runs one after another (spelled out, for _runs_block and
-    _grad_runs_block: runs of one value would make M 1, the rows layout, to _geometry
-    and _block)."""
-    cdef Py_ssize_t r, n
-    cdef Geometry one
-    if g.M == 1:
-        for r in range(k.r0, k.r1):
-            fastbn_halves_to_floats(x + r * g.C + k.c0, buf + (r - k.r0) * k.w, k.w)
-        return _geometry(k.r1 - k.r0, k.w, 1)
-    for n in range(k.n0, k.n1):
-        fastbn_halves_to_floats(x + (n * g.C + k.c) * g.M + k.m0, buf + (n - k.n0) * k.length,
-                                k.length)
-    memset(&one, 0, sizeof(Geometry))
-    one.N = k.n1 - k.n0
-    one.C = 1
-    one.M = k.length
-    one.runs_per_block = one.N
-    one.chunk = k.length
-    one.chunks_per_run = 1
-    one.n_groups = 1
-    one.blocks_per_channel = 1
-    return one
-
-
-cdef void _stats_item_halves(const unsigned short* x, Geometry* g, double* count,
-                             double* mean, double* m2, Py_ssize_t b) noexcept nogil:
-    """_stats_item of float16 data (F16C builds, no weights): the block widened, then the
-    arithmetic _stats_item does on a float32 copy of x (same bits)."""
-    cdef float buf[BLOCK]
-    cdef Block k = _block(g, b)
-    cdef Geometry one = _widened(x, g, &k, buf)
-    if g.M == 1:
-        _stats_item(buf, &one, <const float*>NULL, 0, 0, 0, count + k.slot, mean + k.slot,
-                    m2 + k.slot, 0)
-    else:
-        _runs_block(buf, &one, 0, 0, count + k.slot, mean + k.slot, m2 + k.slot)
-
-
 cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
                              Py_ssize_t ws_n, Py_ssize_t ws_c, Py_ssize_t ws_m, double* count,
-                             double* mean, double* m2, Py_ssize_t b) noexcept nogil:
-    """Statistics of block b (see _block)."""
+                             double* mean, double* m2, Py_ssize_t b,
+                             const unsigned short* halves=NULL) noexcept nogil:
+    """Statistics of block b (see _block); of float16 data `halves` where given (x NULL,
+    no weights, F16C builds): the arithmetic on a float32 copy, the same bits."""
     cdef Py_ssize_t j
     cdef double scratch[3 * CHANNEL_TILE]
     cdef Block k = _block(g, b)
     if g.M == 1 and wt == NULL:
-        _rows_block(x, g.C, k.r0, k.r1, k.c0, k.w, scratch, scratch + CHANNEL_TILE,
-                    mean + k.slot, m2 + k.slot)
+        if floating is float and halves != NULL:
+            _rows_block_halves(halves, g.C, k.r0, k.r1, k.c0, k.w, scratch,
+                               scratch + CHANNEL_TILE, mean + k.slot, m2 + k.slot)
+        else:
+            _rows_block(x, g.C, k.r0, k.r1, k.c0, k.w, scratch, scratch + CHANNEL_TILE,
+                        mean + k.slot, m2 + k.slot)
         for j in range(k.w):
             count[k.slot + j] = <double>(k.r1 - k.r0)
     elif g.M == 1:
@@ -722,7 +779,7 @@ cdef inline void _stats_item(const floating* x, Geometry* g, const floating* wt,
                              scratch + CHANNEL_TILE, scratch + 2 * CHANNEL_TILE,
                              count + k.slot, mean + k.slot, m2 + k.slot)
     elif wt == NULL:
-        _runs_block(x, g, k.c, k.blk, count + k.slot, mean + k.slot, m2 + k.slot)
+        _runs_block(x, g, k.c, k.blk, count + k.slot, mean + k.slot, m2 + k.slot, halves)
     else:
         _runs_block_weighted(x, g, k.c, k.blk, wt, ws_n, ws_c, ws_m, count + k.slot,
                              mean + k.slot, m2 + k.slot)
@@ -743,16 +800,10 @@ cdef void _stats(const floating* x, Geometry* g, const floating* wt,
         nblocks = g.C * g.blocks_per_channel
     if nt == 1:
         for b in range(nblocks):
-            if halves != NULL:
-                _stats_item_halves(halves, g, count, mean, m2, b)
-            else:
-                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
+            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b, halves)
     else:
         for b in prange(nblocks, schedule="static", num_threads=nt):
-            if halves != NULL:
-                _stats_item_halves(halves, g, count, mean, m2, b)
-            else:
-                _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b)
+            _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b, halves)
     # The workspace's spare vector follows m2 (see _workspace).
     _merge(g, count, mean, m2, out_mean, out_var, wt != NULL, m2 + g.blocks_per_channel * g.C)
 
@@ -1043,18 +1094,50 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
 # ---------------------------------------------------------------------------
 # gradient: per-channel sums of dy and dy * (x - mean), then dx elementwise
 
+cdef inline void _grad_rows_sums(const floating* xr, const floating* gr, Py_ssize_t stride,
+                                 Py_ssize_t n, const floating* cen, Py_ssize_t w,
+                                 floating* s1, floating* s2) noexcept nogil:
+    """Adds sum(dy) and sum(dy * (x - cen)) of n rows `stride` apart into s1[j], s2[j]
+    (local arrays of the caller, as in _rows_sums)."""
+    cdef Py_ssize_t r = 0, j
+    cdef const floating* x0
+    cdef const floating* g0
+    cdef floating v, v1
+    # Two rows per visit of the accumulators.
+    while r + 2 <= n:
+        x0 = xr + r * stride
+        g0 = gr + r * stride
+        for j in range(w):
+            v = g0[j]
+            v1 = g0[j + stride]
+            s1[j] += v + v1
+            s2[j] += v * (x0[j] - cen[j]) + v1 * (x0[j + stride] - cen[j])
+        r += 2
+    while r < n:
+        x0 = xr + r * stride
+        g0 = gr + r * stride
+        for j in range(w):
+            v = g0[j]
+            s1[j] += v
+            s2[j] += v * (x0[j] - cen[j])
+        r += 1
+
+
 cdef void _grad_rows_block(const floating* x, const floating* dy, Py_ssize_t C,
                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
-                           const double* mean, double* d1, double* d2) noexcept nogil:
+                           const double* mean, double* d1, double* d2,
+                           const unsigned short* x_halves=NULL,
+                           const unsigned short* dy_halves=NULL) noexcept nogil:
     """Adds sum(dy) and sum(dy * (x - mean)) of a rows block (w <= CHANNEL_TILE) into
-    d1[j], d2[j]; local inner sums, as in _rows_block."""
-    cdef Py_ssize_t r, j, r_end
-    cdef const floating* xr
-    cdef const floating* gr
-    cdef floating v, v1
+    d1[j], d2[j]; local inner sums, as in _rows_block.  Of float16 data x_halves and
+    dy_halves where given (floating float, F16C builds): a piece of rows at a time
+    widened, as in _rows_block_halves."""
+    cdef Py_ssize_t r, j, r_end, p_end, i, piece = _piece_rows(w)
     cdef floating cen[CHANNEL_TILE]
     cdef floating s1[CHANNEL_TILE]
     cdef floating s2[CHANNEL_TILE]
+    cdef float bx[HALF_PIECE]
+    cdef float bd[HALF_PIECE]
     for j in range(w):
         cen[j] = <floating>mean[c0 + j]
         d1[j] = 0.0
@@ -1065,24 +1148,17 @@ cdef void _grad_rows_block(const floating* x, const floating* dy, Py_ssize_t C,
         for j in range(w):
             s1[j] = 0
             s2[j] = 0
-        # Two rows per visit of the accumulators.
-        while r + 2 <= r_end:
-            xr = x + r * C + c0
-            gr = dy + r * C + c0
-            for j in range(w):
-                v = gr[j]
-                v1 = gr[j + C]
-                s1[j] += v + v1
-                s2[j] += v * (xr[j] - cen[j]) + v1 * (xr[j + C] - cen[j])
-            r += 2
-        while r < r_end:
-            xr = x + r * C + c0
-            gr = dy + r * C + c0
-            for j in range(w):
-                v = gr[j]
-                s1[j] += v
-                s2[j] += v * (xr[j] - cen[j])
-            r += 1
+        if floating is float and x_halves != NULL:
+            while r < r_end:
+                p_end = r + piece if r + piece < r_end else r_end
+                for i in range(r, p_end):
+                    fastbn_halves_to_floats(x_halves + i * C + c0, bx + (i - r) * w, w)
+                    fastbn_halves_to_floats(dy_halves + i * C + c0, bd + (i - r) * w, w)
+                _grad_rows_sums(bx, bd, w, p_end - r, cen, w, s1, s2)
+                r = p_end
+        else:
+            _grad_rows_sums(x + r * C + c0, dy + r * C + c0, C, r_end - r, cen, w, s1, s2)
+            r = r_end
         for j in range(w):
             d1[j] += s1[j]
             d2[j] += s2[j]
@@ -1091,7 +1167,7 @@ cdef void _grad_rows_block(const floating* x, const floating* dy, Py_ssize_t C,
         d2[j] += (<double>cen[j] - mean[c0 + j]) * d1[j]
 
 
-cdef void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_t length,
+cdef inline void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_t length,
                          floating centre, double* sum1, double* sum2) noexcept nogil:
     cdef floating a1[32]
     cdef floating a2[32]
@@ -1118,18 +1194,58 @@ cdef void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_t lengt
         i += 1
 
 
+cdef void _block_runs_halves(const unsigned short* x, const unsigned short* dy, Geometry* g,
+                             Block* k, float centre, double* s1, double* s2) noexcept nogil:
+    """What _run_sums (dy NULL) or _grad_run_sums adds over the runs of block k, of float16
+    data, in their order and with their bits: whole runs widened together while they fit
+    in HALF_PIECE values, a longer run HALF_PIECE values (FLUSH steps of 32 lanes, where
+    the float32 loop flushes anyway) at a time."""
+    cdef float bx[HALF_PIECE]
+    cdef float bd[HALF_PIECE]
+    cdef Py_ssize_t L = k.length, n = k.n0, m, runs, j, size, at
+    # The sums in locals: through the pointers every addition of a run's tail would be a
+    # store and a load (the two may alias).
+    cdef double t1 = s1[0], t2 = s2[0]
+    while n < k.n1:
+        runs = HALF_PIECE // L if L <= HALF_PIECE else 1
+        if runs > k.n1 - n:
+            runs = k.n1 - n
+        m = 0
+        while m < L:
+            size = L - m if L - m < HALF_PIECE else HALF_PIECE
+            for j in range(runs):
+                at = ((n + j) * g.C + k.c) * g.M + k.m0 + m
+                fastbn_halves_to_floats(x + at, bx + j * size, size)
+                if dy != NULL:
+                    fastbn_halves_to_floats(dy + at, bd + j * size, size)
+            if dy == NULL:
+                for j in range(runs):
+                    _run_sums(bx + j * size, size, centre, &t1, &t2)
+            else:
+                for j in range(runs):
+                    _grad_run_sums(bx + j * size, bd + j * size, size, centre, &t1, &t2)
+            m += size
+        n += runs
+    s1[0] = t1
+    s2[0] = t2
+
+
 cdef void _grad_runs_block(const floating* x, const floating* dy, Geometry* g, Py_ssize_t c,
-                           Py_ssize_t blk, const double* mean, double* sum1,
-                           double* sum2) noexcept nogil:
+                           Py_ssize_t blk, const double* mean, double* sum1, double* sum2,
+                           const unsigned short* x_halves=NULL,
+                           const unsigned short* dy_halves=NULL) noexcept nogil:
     """sum(dy) and sum(dy * (x - mean[c])) over block blk of channel c (runs layout),
-    into sum1[0] and sum2[0]."""
+    into sum1[0] and sum2[0]; of float16 data x_halves and dy_halves where given."""
     cdef Block k = _runs_of(g, c, blk)
     cdef Py_ssize_t n, i
     cdef double s1 = 0.0, s2 = 0.0
     cdef floating centre = <floating>mean[c]
-    for n in range(k.n0, k.n1):
-        i = (n * g.C + c) * g.M + k.m0
-        _grad_run_sums(x + i, dy + i, k.length, centre, &s1, &s2)
+    if floating is float and x_halves != NULL:
+        _block_runs_halves(x_halves, dy_halves, g, &k, centre, &s1, &s2)
+    else:
+        for n in range(k.n0, k.n1):
+            i = (n * g.C + c) * g.M + k.m0
+            _grad_run_sums(x + i, dy + i, k.length, centre, &s1, &s2)
     sum1[0] = s1
     # The centre the data type used differs from mean by a rounding: correct for it.
     sum2[0] = s2 + (<double>centre - mean[c]) * s1
@@ -1137,30 +1253,18 @@ cdef void _grad_runs_block(const floating* x, const floating* dy, Geometry* g, P
 
 cdef inline void _grad_sums_item(const floating* x, const floating* dy, Geometry* g,
                                  const double* mean, double* part1, double* part2,
-                                 Py_ssize_t b) noexcept nogil:
-    """The gradient sums of block b (the blocks of _stats), into part1/part2."""
+                                 Py_ssize_t b, const unsigned short* x_halves=NULL,
+                                 const unsigned short* dy_halves=NULL) noexcept nogil:
+    """The gradient sums of block b (the blocks of _stats), into part1/part2; of float16
+    data x_halves and dy_halves where given (x and dy NULL, F16C builds): the arithmetic
+    on float32 copies, the same bits."""
     cdef Block k = _block(g, b)
     if g.M == 1:
         _grad_rows_block(x, dy, g.C, k.r0, k.r1, k.c0, k.w, mean, part1 + k.slot,
-                         part2 + k.slot)
+                         part2 + k.slot, x_halves, dy_halves)
     else:
-        _grad_runs_block(x, dy, g, k.c, k.blk, mean, part1 + k.slot, part2 + k.slot)
-
-
-cdef void _grad_sums_item_halves(const unsigned short* x, const unsigned short* dy,
-                                 Geometry* g, const double* mean, double* part1,
-                                 double* part2, Py_ssize_t b) noexcept nogil:
-    """_grad_sums_item of float16 data (F16C builds): the block of x and of dy widened,
-    then the arithmetic _grad_sums_item does on float32 copies (same bits)."""
-    cdef float bx[BLOCK]
-    cdef float bd[BLOCK]
-    cdef Block k = _block(g, b)
-    cdef Geometry one = _widened(x, g, &k, bx)
-    _widened(dy, g, &k, bd)
-    if g.M == 1:
-        _grad_sums_item(bx, bd, &one, mean + k.c0, part1 + k.slot, part2 + k.slot, 0)
-    else:
-        _grad_runs_block(bx, bd, &one, 0, 0, mean + k.c, part1 + k.slot, part2 + k.slot)
+        _grad_runs_block(x, dy, g, k.c, k.blk, mean, part1 + k.slot, part2 + k.slot,
+                         x_halves, dy_halves)
 
 
 cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const double* mean,
@@ -1177,16 +1281,10 @@ cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const d
         nblocks = C * g.blocks_per_channel
     if nt == 1:
         for b in range(nblocks):
-            if x_halves != NULL:
-                _grad_sums_item_halves(x_halves, dy_halves, g, mean, part1, part2, b)
-            else:
-                _grad_sums_item(x, dy, g, mean, part1, part2, b)
+            _grad_sums_item(x, dy, g, mean, part1, part2, b, x_halves, dy_halves)
     else:
         for b in prange(nblocks, schedule="static", num_threads=nt):
-            if x_halves != NULL:
-                _grad_sums_item_halves(x_halves, dy_halves, g, mean, part1, part2, b)
-            else:
-                _grad_sums_item(x, dy, g, mean, part1, part2, b)
+            _grad_sums_item(x, dy, g, mean, part1, part2, b, x_halves, dy_halves)
     for c in range(C):
         out1[c] = part1[c]
         out2[c] = part2[c]
