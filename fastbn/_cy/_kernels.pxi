@@ -1008,43 +1008,108 @@ cdef inline Block _norm_tile(Geometry* g, Py_ssize_t item) noexcept nogil:
     return t
 
 
+cdef inline void _halves_row(const unsigned short* x, const unsigned short* dy,
+                             unsigned short* y, Py_ssize_t n, const float* m, const float* k,
+                             const float* b, const float* a, bint per_value,
+                             bint relu) noexcept nogil:
+    """_affine_row (per_value) or _affine_run (m, k, b, a at [0]) on float16 x (and dy),
+    y float16 (F16C builds): the float32 arithmetic, rounded once.  The normalization
+    converts in registers; the input gradient goes WRAP values at a time through the
+    float32 loop itself."""
+    cdef float bx[WRAP]
+    cdef float bd[WRAP]
+    cdef float by[WRAP]
+    cdef Py_ssize_t j0 = 0, size
+    if dy == NULL:
+        fastbn_affine_halves(x, y, n, m, k, b, per_value, relu)
+        return
+    while j0 < n:
+        size = n - j0 if n - j0 < WRAP else WRAP
+        fastbn_halves_to_floats(x + j0, bx, size)
+        fastbn_halves_to_floats(dy + j0, bd, size)
+        if per_value:
+            _affine_row(bx, bd, by, size, m + j0, k + j0, b + j0, a + j0, 1, False)
+        else:
+            _affine_run(bx, bd, by, size, m[0], k[0], b[0], a[0], <const float*>NULL, 0,
+                        False)
+        fastbn_floats_to_halves(by, y + j0, size)
+        j0 += size
+
+
+cdef void _halves_stretch(const unsigned short* x, const unsigned short* dy, unsigned short* y,
+                          Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t C, const float* mx,
+                          const float* kx, const float* bx, const float* ax, Py_ssize_t wrap,
+                          bint relu) noexcept nogil:
+    """_affine_stretch of float16 data (stored plainly): up to `wrap` elements a time."""
+    cdef Py_ssize_t e = e0, n, c
+    while e < e1:
+        c = e % C
+        n = e1 - e if e1 - e < wrap else wrap
+        _halves_row(x + e, NULL if dy == NULL else dy + e, y + e, n, mx + c, kx + c, bx + c,
+                    NULL if ax == NULL else ax + c, True, relu)
+        e += n
+
+
 cdef inline void _affine_item(const floating* x, const floating* dy, floating* y, Geometry* g,
                               const floating* m, const floating* k, const floating* b,
                               const floating* a, const floating* wt, Py_ssize_t ws_n,
                               Py_ssize_t ws_m, bint relu, bint stream, const floating* ext,
-                              Py_ssize_t wrap, Py_ssize_t item) noexcept nogil:
+                              Py_ssize_t wrap, Py_ssize_t item, const unsigned short* xh,
+                              const unsigned short* dyh, unsigned short* yh) noexcept nogil:
     """One work item of _affine: a stretch of STRETCH elements (where `ext` holds the
-    wrapped parameters), a tile of NORM_ROWS wide rows, a row, or a run."""
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, c0
-    cdef Py_ssize_t width = C + wrap, e0 = item * STRETCH
+    wrapped parameters), a tile of NORM_ROWS wide rows, a row, or a run; of float16
+    data xh, dyh, yh where xh is given (floating float, no weights, not streamed)."""
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, c0, i
+    cdef Py_ssize_t width = C + wrap, e0 = item * STRETCH, e1
+    cdef bint halves = floating is float and xh != NULL
     cdef Block t
     if ext != NULL:
-        _affine_stretch(x, dy, y, e0, e0 + STRETCH if e0 + STRETCH < N * C else N * C, C,
-                        ext, ext + width, ext + 2 * width,
-                        NULL if a == NULL else ext + 3 * width, wrap, relu, stream)
-    elif M == 1 and C > NORM_TILE:
-        t = _norm_tile(g, item)
+        e1 = e0 + STRETCH if e0 + STRETCH < N * C else N * C
+        if floating is float and halves:
+            _halves_stretch(xh, dyh, yh, e0, e1, C, ext, ext + width, ext + 2 * width,
+                            NULL if a == NULL else ext + 3 * width, wrap, relu)
+        else:
+            _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width,
+                            NULL if a == NULL else ext + 3 * width, wrap, relu, stream)
+    elif M == 1:
+        if C > NORM_TILE:
+            t = _norm_tile(g, item)
+        else:
+            t.r0 = item
+            t.r1 = item + 1
+            t.c0 = 0
+            t.w = C
         c0 = t.c0
         for r in range(t.r0, t.r1):
-            _affine_row_out(x + r * C + c0, _offset(dy, r * C + c0), y + r * C + c0, t.w,
-                            m + c0, k + c0, b + c0, _offset(a, c0),
-                            1 if wt == NULL else wt[r * ws_n], relu, stream)
-    elif M == 1:
-        _affine_row_out(x + item * C, _offset(dy, item * C), y + item * C, C, m, k, b, a,
-                        1 if wt == NULL else wt[item * ws_n], relu, stream)
+            i = r * C + c0
+            if floating is float and halves:
+                _halves_row(xh + i, NULL if dyh == NULL else dyh + i, yh + i, t.w, m + c0,
+                            k + c0, b + c0, _offset(a, c0), True, relu)
+            else:
+                _affine_row_out(x + i, _offset(dy, i), y + i, t.w, m + c0, k + c0, b + c0,
+                                _offset(a, c0), 1 if wt == NULL else wt[r * ws_n], relu,
+                                stream)
     else:
         c = item % C
-        _affine_run_out(x + item * M, _offset(dy, item * M), y + item * M, M,
-                        m[c], k[c], b[c], 0 if a == NULL else a[c],
-                        _offset(wt, (item // C) * ws_n), ws_m, relu, stream)
+        i = item * M
+        if floating is float and halves:
+            _halves_row(xh + i, NULL if dyh == NULL else dyh + i, yh + i, M, m + c, k + c,
+                        b + c, _offset(a, c), False, relu)
+        else:
+            _affine_run_out(x + i, _offset(dy, i), y + i, M, m[c], k[c], b[c],
+                            0 if a == NULL else a[c], _offset(wt, (item // C) * ws_n), ws_m,
+                            relu, stream)
 
 
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
                   const floating* m, const floating* k, const floating* b, const floating* a,
                   const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m, bint relu,
-                  bint stream, int n_threads) noexcept nogil:
+                  bint stream, int n_threads, const unsigned short* xh=NULL,
+                  const unsigned short* dyh=NULL, unsigned short* yh=NULL) noexcept nogil:
     """The elementwise pass over a whole (N, C, M) array; see above for the formulas.
-    `stream`: write y with non-temporal stores.
+    `stream`: write y with non-temporal stores.  float16 data (F16C builds) comes as xh,
+    dyh and yh instead of x, dy and y (floating float, no weights, not streamed): the
+    float32 arithmetic, rounded once.
 
     Wide rows go in tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
     parameters stay in L1 across its rows; narrower rows in stretches across row
@@ -1074,7 +1139,8 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
         # An OpenMP region costs about a microsecond even on one thread: small calls skip it.
         item = n_items - 1
         while item >= 0:
-            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap, item)
+            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap, item,
+                         xh, dyh, yh)
             item = item - 1
         if stream:
             fastbn_stream_fence()
@@ -1084,7 +1150,7 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
             item = _share_end(n_items, 1) - 1
             while item >= lo:
                 _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap,
-                             item)
+                             item, xh, dyh, yh)
                 item = item - 1
             if stream:
                 fastbn_stream_fence()
@@ -1486,9 +1552,10 @@ def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, c
     cdef void* bp = cnp.PyArray_DATA(b)
     with nogil:
         if half:
-            _affine_halves(<const unsigned short*>xp, <unsigned short*>yp, &g,
-                           <const float*>mp, <const float*>kp, <const float*>bp, relu,
-                           n_threads)
+            _affine(<const float*>NULL, <const float*>NULL, <float*>NULL, &g,
+                    <const float*>mp, <const float*>kp, <const float*>bp, <const float*>NULL,
+                    <const float*>NULL, 0, 0, relu, False, n_threads,
+                    <const unsigned short*>xp, NULL, <unsigned short*>yp)
         elif f32:
             _affine(<const float*>xp, <const float*>NULL, <float*>yp, &g, <const float*>mp,
                     <const float*>kp, <const float*>bp, <const float*>NULL, <const float*>NULL,
@@ -1596,45 +1663,6 @@ cdef void _infer(const floating* x, floating* y, Geometry* g, const floating* me
             <const floating*>NULL, 0, 0, relu, stream, n_threads)
 
 
-cdef inline void _halves_item(const unsigned short* x, unsigned short* y, Geometry* g,
-                              const float* m, const float* k, const float* b, bint relu,
-                              Py_ssize_t item) noexcept nogil:
-    """One work item of _affine_halves: a row (its channels' parameters); in rows wider
-    than NORM_TILE, a tile of NORM_TILE channels x NORM_ROWS rows, as _affine_item goes,
-    so that the tile's parameters stay in L1; or a run (one channel's)."""
-    cdef Py_ssize_t c, r
-    cdef Block t
-    if g.M == 1 and g.C > NORM_TILE:
-        t = _norm_tile(g, item)
-        for r in range(t.r0, t.r1):
-            fastbn_affine_halves(x + r * g.C + t.c0, y + r * g.C + t.c0, t.w, m + t.c0,
-                                 k + t.c0, b + t.c0, True, relu)
-    elif g.M == 1:
-        fastbn_affine_halves(x + item * g.C, y + item * g.C, g.C, m, k, b, True, relu)
-    else:
-        c = item % g.C
-        fastbn_affine_halves(x + item * g.M, y + item * g.M, g.M, m + c, k + c, b + c, False,
-                             relu)
-
-
-cdef void _affine_halves(const unsigned short* x, unsigned short* y, Geometry* g,
-                         const float* m, const float* k, const float* b, bint relu,
-                         int n_threads) noexcept nogil:
-    """The normalization pass of _affine on float16 data (F16C builds): read and written
-    as float16, computed as the float32 kernels compute it (the same bits, rounded
-    once), stored plainly."""
-    cdef Py_ssize_t n_items = g.N if g.M == 1 else g.N * g.C, item
-    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    if g.M == 1 and g.C > NORM_TILE:
-        n_items = _norm_tiles(g)
-    if nt == 1:
-        for item in range(n_items):
-            _halves_item(x, y, g, m, k, b, relu, item)
-    else:
-        for item in prange(n_items, schedule="static", num_threads=nt):
-            _halves_item(x, y, g, m, k, b, relu, item)
-
-
 def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray variance,
                   object scale, cnp.ndarray offset, double epsilon, bint relu, bint stream,
                   int n_threads):
@@ -1678,9 +1706,10 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     with nogil:
         if half:
             _multipliers(vp, sp, epsilon, C, <float*>kv)
-            _affine_halves(<const unsigned short*>xp, <unsigned short*>yp, &g,
-                           <const float*>mp, <const float*>kv, <const float*>op, relu,
-                           n_threads)
+            _affine(<const float*>NULL, <const float*>NULL, <float*>NULL, &g,
+                    <const float*>mp, <const float*>kv, <const float*>op, <const float*>NULL,
+                    <const float*>NULL, 0, 0, relu, False, n_threads,
+                    <const unsigned short*>xp, NULL, <unsigned short*>yp)
         elif f32:
             _infer(<const float*>xp, <float*>yp, &g, <const float*>mp, vp, sp,
                    <const float*>op, epsilon, relu, stream, n_threads, <float*>kv)
@@ -1924,52 +1953,22 @@ cdef void _grad_coefficients(Py_ssize_t C, const double* mean, const double* var
         c0 += w
 
 
-cdef void _grad_item_halves(const unsigned short* x, const unsigned short* dy,
-                            unsigned short* dx, Geometry* g, const float* m, const float* a,
-                            const float* b, const float* c, Py_ssize_t item) noexcept nogil:
-    """The input gradient of one row (rows layout) or run of float16 data (F16C builds):
-    WRAP values at a time widened, put through the float32 kernels' own loop (same bits),
-    and rounded to dx."""
-    cdef float bx[WRAP]
-    cdef float bd[WRAP]
-    cdef float by[WRAP]
-    cdef Py_ssize_t n = g.C if g.M == 1 else g.M, start = item * n, j0 = 0, size, ch
-    while j0 < n:
-        size = n - j0 if n - j0 < WRAP else WRAP
-        fastbn_halves_to_floats(x + start + j0, bx, size)
-        fastbn_halves_to_floats(dy + start + j0, bd, size)
-        if g.M == 1:
-            _affine_row(bx, bd, by, size, m + j0, b + j0, c + j0, a + j0, 1, False)
-        else:
-            ch = item % g.C
-            _affine_run(bx, bd, by, size, m[ch], b[ch], c[ch], a[ch], <const float*>NULL, 0,
-                        False)
-        fastbn_floats_to_halves(by, dx + start + j0, size)
-        j0 += size
-
-
 cdef void _backward_halves(const unsigned short* x, const unsigned short* dy,
                            unsigned short* dx, Geometry* g, const double* mean,
                            const double* variance, const double* scale, double epsilon,
                            bint training, double total, int n_threads, double* work,
                            double* sum_dy, double* sum_dy_xhat) noexcept nogil:
     """_backward of float16 data without weights (F16C builds): the gradient sums and
-    then dx from float16 x and dy widened a block or a stretch at a time, dx rounded
-    once: the float32 kernels' bits on the same values."""
-    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, item
-    cdef Py_ssize_t n_items = g.N if g.M == 1 else g.N * g.C
-    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
+    then dx from float16 x and dy widened a piece at a time, dx rounded once: the
+    float32 kernels' bits on the same values."""
+    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C
     _grad_sums(<const float*>NULL, <const float*>NULL, g, mean, n_threads, work, work + size,
                sum_dy, sum_dy_xhat, x, dy)
     cdef float* mv = <float*>work
     _grad_coefficients(C, mean, variance, scale, epsilon, training, total, sum_dy,
                        sum_dy_xhat, mv)
-    if nt == 1:
-        for item in range(n_items):
-            _grad_item_halves(x, dy, dx, g, mv, mv + C, mv + 2 * C, mv + 3 * C, item)
-    else:
-        for item in prange(n_items, schedule="static", num_threads=nt):
-            _grad_item_halves(x, dy, dx, g, mv, mv + C, mv + 2 * C, mv + 3 * C, item)
+    _affine(<const float*>NULL, <const float*>NULL, <float*>NULL, g, mv, mv + 2 * C,
+            mv + 3 * C, mv + C, <const float*>NULL, 0, 0, False, False, n_threads, x, dy, dx)
 
 
 def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
