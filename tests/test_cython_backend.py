@@ -529,7 +529,7 @@ def test_gil_is_released_while_kernels_run():
 
 
 @pytest.mark.parametrize("case", ["outlier-first", "sorted", "offset", "constant"])
-@pytest.mark.parametrize("layout", ["rows", "wide-rows", "runs"])
+@pytest.mark.parametrize("layout", ["rows", "wide-rows", "runs", "short-runs"])
 def test_statistics_stay_accurate_on_hard_data(backend, case, layout):
     rng = np.random.default_rng(7)
     n = 300_000
@@ -543,10 +543,11 @@ def test_statistics_stay_accurate_on_hard_data(backend, case, layout):
     elif case == "constant":
         x[:] = 1e4 + 0.25
     x = x.astype(np.float32)
-    # wide-rows: 300 channels, more than one tile of them (tiles of uneven data before).
+    # wide-rows: 300 channels, more than one tile of them (tiles of uneven data before);
+    # short-runs: NCHW 7x7-like runs of 50, gathered several to a piece by the sums.
     data = {"rows": x.reshape(-1, 1), "wide-rows": x.reshape(-1, 300),
-            "runs": x.reshape(1, 1, -1)}[layout]
-    axes = [0, 2] if layout == "runs" else [0]
+            "runs": x.reshape(1, 1, -1), "short-runs": x.reshape(-1, 3, 50)}[layout]
+    axes = [0, 2] if layout in ("runs", "short-runs") else [0]
     mean, var = nn.moments(data, axes)
     x64 = data.astype(np.float64)
     np.testing.assert_allclose(mean, x64.mean(axis=tuple(axes)), rtol=1e-7)

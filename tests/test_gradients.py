@@ -241,3 +241,30 @@ def test_fused_batch_norm_grad_errors():
         fb.nn.fused_batch_norm_grad(x, x, [1] * 3, [0] * 2, [1] * 3)
     with pytest.raises(TypeError, match="is_training"):
         fb.nn.fused_batch_norm_grad(x, x, [1] * 3, [0] * 3, [1] * 3, is_training="yes")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(40, 6, 7, 7), (3, 4, 14, 14), (2, 3, 45, 45)])
+def test_fused_batch_norm_grad_matches_float64_on_nchw(backend, dtype, shape):
+    """NCHW with small images (runs of 49 or 196 values, gathered several to a piece
+    by the kernels' sums, or one run in pieces): the gradient of float64 arithmetic."""
+    rng = np.random.default_rng(14)
+    x = (rng.standard_normal(shape) * 3 + 100).astype(dtype)
+    dy = (rng.standard_normal(shape) + 0.5).astype(dtype)
+    axes = (0, 2, 3)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean, var = x64.mean(axes), x64.var(axes)
+    scale = np.linspace(0.5, 2, shape[1])
+    inv = 1 / np.sqrt(var + 1e-3)
+    c = (slice(None), None, None)
+    xhat = (x64 - mean[c]) * inv[c]
+    want_doffset = dy64.sum(axes)
+    want_dscale = (dy64 * xhat).sum(axes)
+    want_dx = (scale * inv)[c] * (dy64 - want_doffset[c] / (x.size / shape[1])
+                                  - xhat * want_dscale[c] / (x.size / shape[1]))
+    dx, dscale, doffset = fb.nn.fused_batch_norm_grad(dy, x, scale, mean, var, epsilon=1e-3,
+                                                      data_format="NCHW")
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(doffset, want_doffset, rtol=rtol, atol=rtol * x.size ** 0.5)
+    np.testing.assert_allclose(dscale, want_dscale, rtol=rtol, atol=rtol * x.size ** 0.5)
+    np.testing.assert_allclose(dx, want_dx, rtol=rtol, atol=rtol)

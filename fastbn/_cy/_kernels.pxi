@@ -162,10 +162,14 @@ DEF BLOCK = 32768
 # Inner sums in the data type run over this many rows (rows layout) or 8-lane steps
 # (runs layout) before they are flushed into float64.
 DEF FLUSH = 64
-# float16 data is widened to float32 about this many values at a time (rows layout:
-# whole rows, see _piece_rows; runs layout: FLUSH steps of 32 lanes exactly), into a
-# buffer that stays in L1 while the float32 arithmetic reads it.
-DEF HALF_PIECE = 2048
+# The sums take data about this many values at a time into a buffer that stays in L1:
+# float16 data widened to float32 (rows layout: whole rows, see _piece_rows), and in
+# the runs layout short runs gathered together (runs layout: whole runs, or whole
+# steps of the lanes of a long one), so that they share lanes and flushes.
+DEF SUMS_PIECE = 2048
+# The runs layout's sums take what is left of a run after its whole steps of 32 (16)
+# lanes this many values at a time.
+DEF GROUP = 8
 # Below this many elements the kernels stay on one thread: forking costs more.
 DEF SERIAL_BELOW = 65536
 # Channels per block in the rows layout.
@@ -413,10 +417,10 @@ cdef void _rows_block(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t
 
 
 cdef inline Py_ssize_t _piece_rows(Py_ssize_t w) noexcept nogil:
-    """Rows of w float16 channels widened at a time: at most HALF_PIECE values (w is at
+    """Rows of w float16 channels widened at a time: at most SUMS_PIECE values (w is at
     most CHANNEL_TILE: at least 8 rows), a whole number of _rows_sums' and
     _grad_rows_sums' visits (4 and 2 rows), so that they add in the same order."""
-    cdef Py_ssize_t rows = (HALF_PIECE // w) // 4 * 4
+    cdef Py_ssize_t rows = (SUMS_PIECE // w) // 4 * 4
     return rows if rows >= 4 else 4
 
 
@@ -428,7 +432,7 @@ cdef void _rows_block_halves(const unsigned short* x, Py_ssize_t C, Py_ssize_t r
     that stays in L1."""
     cdef Py_ssize_t r, j, r_end, p_end, i, piece = _piece_rows(w)
     cdef float first[CHANNEL_TILE]
-    cdef float buf[HALF_PIECE]
+    cdef float buf[SUMS_PIECE]
     cdef float s1[CHANNEL_TILE]
     cdef float s2[CHANNEL_TILE]
     fastbn_halves_to_floats(x + r0 * C + c0, first, w)
@@ -571,63 +575,66 @@ cdef void _rows_block_weighted(const floating* x, Py_ssize_t C, Py_ssize_t r0, P
 # ---------------------------------------------------------------------------
 # per-block statistics, runs layout (x[(n*C + c)*M + m])
 
-cdef inline double _lanes_sum(floating* acc, int lanes) noexcept nogil:
-    """Pairwise sum of the accumulator lanes, in float64."""
+cdef inline double _lanes_sum(floating* acc) noexcept nogil:
+    """Pairwise sum of the 32 float (16 double) accumulator lanes, in float64: halves
+    of constant widths, which the compiler keeps in registers."""
     cdef double part[32]
-    cdef int i, width = lanes
+    cdef int i, lanes = 32 if floating is float else 16
     for i in range(lanes):
         part[i] = acc[i]
-    while width > 1:
-        width //= 2
-        for i in range(width):
-            part[i] = part[i] + part[i + width]
-    return part[0]
+    if lanes == 32:
+        for i in range(16):
+            part[i] = part[i] + part[i + 16]
+    for i in range(8):
+        part[i] = part[i] + part[i + 8]
+    for i in range(4):
+        part[i] = part[i] + part[i + 4]
+    for i in range(2):
+        part[i] = part[i] + part[i + 2]
+    return part[0] + part[1]
 
 
 cdef inline void _run_sums(const floating* p, Py_ssize_t length, floating centre,
-                    double* sum1, double* sum2) noexcept nogil:
+                           double* sum1, double* sum2) noexcept nogil:
     """Adds sum(p - centre) and sum((p - centre)**2) over a run.
 
     32 float lanes (16 double) of independent accumulators: enough to hide the
-    latency of the additions.
+    latency of the additions.  What is left of the run after its whole steps goes
+    into the first lanes GROUP values at a time, in the same flush where there is
+    room (runs of 49 or 196 values, NCHW 7x7 and 14x14, are mostly tail); the last
+    few values one by one.
     """
     cdef floating a1[32]
     cdef floating a2[32]
     cdef int lanes = 32 if floating is float else 16
-    cdef Py_ssize_t i = 0, j, steps, end = length - length % lanes
+    cdef Py_ssize_t i = 0, j, steps
     cdef floating v
-    while i < end:
+    while i + GROUP <= length:
         for j in range(lanes):
             a1[j] = 0
             a2[j] = 0
         steps = 0
-        while i < end and steps < FLUSH:
+        while i + lanes <= length and steps < FLUSH:
             for j in range(lanes):
                 v = p[i + j] - centre
                 a1[j] += v
                 a2[j] += v * v
             i += lanes
             steps += 1
-        sum1[0] += _lanes_sum(a1, lanes)
-        sum2[0] += _lanes_sum(a2, lanes)
+        while i + GROUP <= length and steps < FLUSH:
+            for j in range(GROUP):
+                v = p[i + j] - centre
+                a1[j] += v
+                a2[j] += v * v
+            i += GROUP
+            steps += 1
+        sum1[0] += _lanes_sum(a1)
+        sum2[0] += _lanes_sum(a2)
     while i < length:
         v = p[i] - centre
         sum1[0] += v
         sum2[0] += <double>v * v
         i += 1
-
-
-cdef inline void _block_run_sums(const floating* x, const unsigned short* halves, Geometry* g,
-                                 Block* k, floating centre, double* s1,
-                                 double* s2) noexcept nogil:
-    """_run_sums over every run of block k: of x, or of float16 data `halves` where
-    given (floating float, F16C builds)."""
-    cdef Py_ssize_t n
-    if floating is float and halves != NULL:
-        _block_runs_halves(halves, NULL, g, k, centre, s1, s2)
-    else:
-        for n in range(k.n0, k.n1):
-            _run_sums(x + (n * g.C + k.c) * g.M + k.m0, k.length, centre, s1, s2)
 
 
 cdef void _runs_block(const floating* x, Geometry* g, Py_ssize_t c, Py_ssize_t block,
@@ -645,14 +652,14 @@ cdef void _runs_block(const floating* x, Geometry* g, Py_ssize_t c, Py_ssize_t b
         first = fastbn_half_to_float(halves[start])
     else:
         first = x[start]
-    _block_run_sums(x, halves, g, &k, first, &s1, &s2)
+    _runs_pieces(x, <const floating*>NULL, halves, NULL, g, &k, first, False, &s1, &s2)
     if _shifted_moments(total, <double>first, s1, s2, mean, m2):
         return
     # Ill-conditioned: again, centred on the mean just found (the block is in cache).
     centre = <floating>mean[0]
     s2 = 0.0
     s1 = 0.0
-    _block_run_sums(x, halves, g, &k, centre, &s1, &s2)
+    _runs_pieces(x, <const floating*>NULL, halves, NULL, g, &k, centre, False, &s1, &s2)
     mean[0] = <double>centre + s1 / total
     m2[0] = s2 - s1 * s1 / total
     if m2[0] < 0.0:
@@ -1008,6 +1015,12 @@ cdef inline Block _norm_tile(Geometry* g, Py_ssize_t item) noexcept nogil:
     return t
 
 
+cdef inline Py_ssize_t _runs_per_item(Py_ssize_t M) noexcept nogil:
+    """Runs in one work item of the elementwise passes: about STRETCH values, so that a
+    short run (NCHW 7x7: 49 values) does not cost an item's bookkeeping of its own."""
+    return STRETCH // M if M < STRETCH else 1
+
+
 cdef inline void _halves_row(const unsigned short* x, const unsigned short* dy,
                              unsigned short* y, Py_ssize_t n, const float* m, const float* k,
                              const float* b, const float* a, bint per_value,
@@ -1057,9 +1070,10 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
                               Py_ssize_t wrap, Py_ssize_t item, const unsigned short* xh,
                               const unsigned short* dyh, unsigned short* yh) noexcept nogil:
     """One work item of _affine: a stretch of STRETCH elements (where `ext` holds the
-    wrapped parameters), a tile of NORM_ROWS wide rows, a row, or a run; of float16
-    data xh, dyh, yh where xh is given (floating float, no weights, not streamed)."""
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, c0, i
+    wrapped parameters), a tile of NORM_ROWS wide rows, a row, or consecutive runs
+    (_runs_per_item); of float16 data xh, dyh, yh where xh is given (floating float, no
+    weights, not streamed)."""
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, c0, i, n, per
     cdef Py_ssize_t width = C + wrap, e0 = item * STRETCH, e1
     cdef bint halves = floating is float and xh != NULL
     cdef Block t
@@ -1090,15 +1104,25 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
                                 _offset(a, c0), 1 if wt == NULL else wt[r * ws_n], relu,
                                 stream)
     else:
-        c = item % C
-        i = item * M
-        if floating is float and halves:
-            _halves_row(xh + i, NULL if dyh == NULL else dyh + i, yh + i, M, m + c, k + c,
-                        b + c, _offset(a, c), False, relu)
-        else:
-            _affine_run_out(x + i, _offset(dy, i), y + i, M, m[c], k[c], b[c],
-                            0 if a == NULL else a[c], _offset(wt, (item // C) * ws_n), ws_m,
-                            relu, stream)
+        per = _runs_per_item(M)
+        r = item * per
+        e1 = r + per if r + per < N * C else N * C
+        c = r % C
+        n = r // C
+        while r < e1:
+            i = r * M
+            if floating is float and halves:
+                _halves_row(xh + i, NULL if dyh == NULL else dyh + i, yh + i, M, m + c, k + c,
+                            b + c, _offset(a, c), False, relu)
+            else:
+                _affine_run_out(x + i, _offset(dy, i), y + i, M, m[c], k[c], b[c],
+                                0 if a == NULL else a[c], _offset(wt, n * ws_n), ws_m, relu,
+                                stream)
+            r += 1
+            c += 1
+            if c == C:
+                c = 0
+                n += 1
 
 
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
@@ -1134,7 +1158,7 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     elif M == 1:
         n_items = N
     else:
-        n_items = N * C
+        n_items = (N * C + _runs_per_item(M) - 1) // _runs_per_item(M)
     if nt == 1:
         # An OpenMP region costs about a microsecond even on one thread: small calls skip it.
         item = n_items - 1
@@ -1202,8 +1226,8 @@ cdef void _grad_rows_block(const floating* x, const floating* dy, Py_ssize_t C,
     cdef floating cen[CHANNEL_TILE]
     cdef floating s1[CHANNEL_TILE]
     cdef floating s2[CHANNEL_TILE]
-    cdef float bx[HALF_PIECE]
-    cdef float bd[HALF_PIECE]
+    cdef float bx[SUMS_PIECE]
+    cdef float bd[SUMS_PIECE]
     for j in range(w):
         cen[j] = <floating>mean[c0 + j]
         d1[j] = 0.0
@@ -1234,62 +1258,88 @@ cdef void _grad_rows_block(const floating* x, const floating* dy, Py_ssize_t C,
 
 
 cdef inline void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_t length,
-                         floating centre, double* sum1, double* sum2) noexcept nogil:
+                                floating centre, double* sum1, double* sum2) noexcept nogil:
+    """Adds sum(dy) and sum(dy * (x - centre)) over a run, in the lanes and steps of
+    _run_sums."""
     cdef floating a1[32]
     cdef floating a2[32]
     cdef int lanes = 32 if floating is float else 16
-    cdef Py_ssize_t i = 0, j, steps, end = length - length % lanes
+    cdef Py_ssize_t i = 0, j, steps
     cdef floating v
-    while i < end:
+    while i + GROUP <= length:
         for j in range(lanes):
             a1[j] = 0
             a2[j] = 0
         steps = 0
-        while i < end and steps < FLUSH:
+        while i + lanes <= length and steps < FLUSH:
             for j in range(lanes):
                 v = dy[i + j]
                 a1[j] += v
                 a2[j] += v * (x[i + j] - centre)
             i += lanes
             steps += 1
-        sum1[0] += _lanes_sum(a1, lanes)
-        sum2[0] += _lanes_sum(a2, lanes)
+        while i + GROUP <= length and steps < FLUSH:
+            for j in range(GROUP):
+                v = dy[i + j]
+                a1[j] += v
+                a2[j] += v * (x[i + j] - centre)
+            i += GROUP
+            steps += 1
+        sum1[0] += _lanes_sum(a1)
+        sum2[0] += _lanes_sum(a2)
     while i < length:
         sum1[0] += dy[i]
         sum2[0] += <double>dy[i] * (x[i] - centre)
         i += 1
 
 
-cdef void _block_runs_halves(const unsigned short* x, const unsigned short* dy, Geometry* g,
-                             Block* k, float centre, double* s1, double* s2) noexcept nogil:
-    """What _run_sums (dy NULL) or _grad_run_sums adds over the runs of block k, of float16
-    data, in their order and with their bits: whole runs widened together while they fit
-    in HALF_PIECE values, a longer run HALF_PIECE values (FLUSH steps of 32 lanes, where
-    the float32 loop flushes anyway) at a time."""
-    cdef float bx[HALF_PIECE]
-    cdef float bd[HALF_PIECE]
+cdef void _runs_pieces(const floating* x, const floating* dy, const unsigned short* x_halves,
+                       const unsigned short* dy_halves, Geometry* g, Block* k, floating centre,
+                       bint grad, double* s1, double* s2) noexcept nogil:
+    """Adds what _run_sums (or, with `grad`, _grad_run_sums) gives over the runs of block k
+    into s1[0], s2[0], piece by piece: whole runs gathered together while they fit in
+    SUMS_PIECE values (short runs, NCHW 7x7's 49 values, then share their lanes and their
+    flushes), a longer run SUMS_PIECE values at a time (whole steps of the lanes).  Of x and
+    dy, or of float16 x_halves and dy_halves where given (floating float, F16C builds):
+    widened into the pieces, the same bits."""
+    cdef floating bx[SUMS_PIECE]
+    cdef floating bd[SUMS_PIECE]
+    cdef const floating* px
+    cdef const floating* pd
+    cdef bint halves = floating is float and x_halves != NULL
     cdef Py_ssize_t L = k.length, n = k.n0, m, runs, j, size, at
-    # The sums in locals: through the pointers every addition of a run's tail would be a
-    # store and a load (the two may alias).
+    # The sums in locals: through the pointers every addition of a piece's tail would be
+    # a store and a load (the two may alias).
     cdef double t1 = s1[0], t2 = s2[0]
     while n < k.n1:
-        runs = HALF_PIECE // L if L <= HALF_PIECE else 1
+        runs = SUMS_PIECE // L if L <= SUMS_PIECE else 1
         if runs > k.n1 - n:
             runs = k.n1 - n
         m = 0
         while m < L:
-            size = L - m if L - m < HALF_PIECE else HALF_PIECE
-            for j in range(runs):
-                at = ((n + j) * g.C + k.c) * g.M + k.m0 + m
-                fastbn_halves_to_floats(x + at, bx + j * size, size)
-                if dy != NULL:
-                    fastbn_halves_to_floats(dy + at, bd + j * size, size)
-            if dy == NULL:
+            size = L - m if L - m < SUMS_PIECE else SUMS_PIECE
+            at = (n * g.C + k.c) * g.M + k.m0 + m
+            px = bx
+            pd = bd
+            if floating is float and halves:
                 for j in range(runs):
-                    _run_sums(bx + j * size, size, centre, &t1, &t2)
+                    fastbn_halves_to_floats(x_halves + at + j * g.C * g.M, bx + j * size, size)
+                    if grad:
+                        fastbn_halves_to_floats(dy_halves + at + j * g.C * g.M, bd + j * size,
+                                                size)
+            elif runs > 1:
+                for j in range(runs):
+                    memcpy(bx + j * size, x + at + j * g.C * g.M, size * sizeof(floating))
+                    if grad:
+                        memcpy(bd + j * size, dy + at + j * g.C * g.M, size * sizeof(floating))
             else:
-                for j in range(runs):
-                    _grad_run_sums(bx + j * size, bd + j * size, size, centre, &t1, &t2)
+                # One run's piece: read where it lies.
+                px = x + at
+                pd = dy + at if grad else NULL
+            if grad:
+                _grad_run_sums(px, pd, runs * size, centre, &t1, &t2)
+            else:
+                _run_sums(px, runs * size, centre, &t1, &t2)
             m += size
         n += runs
     s1[0] = t1
@@ -1303,15 +1353,9 @@ cdef void _grad_runs_block(const floating* x, const floating* dy, Geometry* g, P
     """sum(dy) and sum(dy * (x - mean[c])) over block blk of channel c (runs layout),
     into sum1[0] and sum2[0]; of float16 data x_halves and dy_halves where given."""
     cdef Block k = _runs_of(g, c, blk)
-    cdef Py_ssize_t n, i
     cdef double s1 = 0.0, s2 = 0.0
     cdef floating centre = <floating>mean[c]
-    if floating is float and x_halves != NULL:
-        _block_runs_halves(x_halves, dy_halves, g, &k, centre, &s1, &s2)
-    else:
-        for n in range(k.n0, k.n1):
-            i = (n * g.C + c) * g.M + k.m0
-            _grad_run_sums(x + i, dy + i, k.length, centre, &s1, &s2)
+    _runs_pieces(x, dy, x_halves, dy_halves, g, &k, centre, True, &s1, &s2)
     sum1[0] = s1
     # The centre the data type used differs from mean by a rounding: correct for it.
     sum2[0] = s2 + (<double>centre - mean[c]) * s1
