@@ -187,6 +187,8 @@ DEF LINE_BYTES = 64
 # that straddles two cache lines costs two accesses, and NumPy's large arrays start
 # 16 bytes past a line, which would straddle every other vector of 32 bytes.
 DEF VECTOR_BYTES = 32
+# Runs of fewer bytes do not align their plain stores (_affine_run_out).
+DEF SHORT_RUN_BYTES = 256
 DEF LINE_FLOATS = LINE_BYTES // 4
 DEF PIECE_LINES = 4
 # Rows of at most NORM_TILE channels are cut into stretches of this many elements,
@@ -915,7 +917,12 @@ cdef inline void _affine_run_out(const floating* xr, const floating* gr, floatin
     """_affine_run; `stream`: as in _affine_row_out."""
     cdef floating piece[PIECE_LINES * LINE_FLOATS]
     cdef Py_ssize_t per = LINE_BYTES // sizeof(floating), i, lines
-    cdef Py_ssize_t j = _to_boundary(yr, n, LINE_BYTES if stream else VECTOR_BYTES)
+    cdef Py_ssize_t j = 0
+    # A short run of the normalization (NCHW 7x7: 49 float32) stores from its start: the
+    # scalar head costs it more than the vectors that straddle lines (measured: 7x7
+    # inference -15%, training -17%); the input gradient's runs are faster with it.
+    if stream or gr != NULL or n * sizeof(floating) >= SHORT_RUN_BYTES:
+        j = _to_boundary(yr, n, LINE_BYTES if stream else VECTOR_BYTES)
     _affine_run(xr, gr, yr, j, mc, kc, bc, ac, wr, ws, relu)
     while stream and j + per <= n:
         lines = (n - j) // per if (n - j) // per < PIECE_LINES else PIECE_LINES
