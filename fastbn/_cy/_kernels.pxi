@@ -1300,6 +1300,12 @@ cdef inline void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_
         i += 1
 
 
+cdef inline void _copy(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i]
+
+
 cdef void _runs_pieces(const floating* x, const floating* dy, const unsigned short* x_halves,
                        const unsigned short* dy_halves, Geometry* g, Block* k, floating centre,
                        bint grad, double* s1, double* s2) noexcept nogil:
@@ -1335,10 +1341,12 @@ cdef void _runs_pieces(const floating* x, const floating* dy, const unsigned sho
                         fastbn_halves_to_floats(dy_halves + at + j * g.C * g.M, bd + j * size,
                                                 size)
             elif runs > 1:
+                # (A loop, not memcpy: a library call per run of 49 values cost as much as
+                # summing it.)
                 for j in range(runs):
-                    memcpy(bx + j * size, x + at + j * g.C * g.M, size * sizeof(floating))
+                    _copy(bx + j * size, x + at + j * g.C * g.M, size)
                     if grad:
-                        memcpy(bd + j * size, dy + at + j * g.C * g.M, size * sizeof(floating))
+                        _copy(bd + j * size, dy + at + j * g.C * g.M, size)
             else:
                 # One run's piece: read where it lies.
                 px = x + at
