@@ -327,8 +327,38 @@ def test_float16_statistics_of_blocks_reduced_twice(shape):
 
 
 @pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
+# (4, 5, 100000): channel by channel for float16 only (a channel's 800 KB fit in L2).
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (4, 5, 100000), (300, 2, 49),
+                                   (9, 1500, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_float16_training_kernel_is_the_float32_one_rounded(shape, relu):
+    """The kernels' own float16 training forward: the statistics of the float32 values
+    (same bits) and the output the float32 kernel computes from them, rounded once, on
+    any thread count, blocked or channel by channel."""
+    x = _data(shape, np.float16)
+    c = shape[1]
+    scale = np.linspace(0.5, 2, c, dtype=np.float32)
+    offset = np.linspace(-1, 1, c, dtype=np.float32)
+    for kernels in HALF_KERNELS:
+        want_y = np.empty(shape, np.float32)
+        want = kernels.train_forward(x.astype(np.float32), want_y, scale, offset, 1e-3, relu,
+                                     False, 2)
+        with np.errstate(over="ignore"):
+            want_y = want_y.astype(np.float16)
+        for threads in (1, 2, 16):
+            y = np.empty_like(x)
+            got = kernels.train_forward(x, y, scale, offset, 1e-3, relu, True, threads)
+            _same_floats(y, want_y)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(_bits(g), _bits(w))
+        with pytest.raises(TypeError):
+            kernels.train_forward(x, y, scale.astype(np.float16), offset, 1e-3, relu, False, 2)
+
+
+@pytest.mark.skipif(not HALF_KERNELS, reason="no kernels build with float16 conversions here")
+# (4, 5, 60000): channel by channel for float16 only (x and dy of a channel: 960 KB).
 @pytest.mark.parametrize("shape", SHAPES + [(3, 2, 70000), (2, 2, 32769), (9, 1500, 1),
-                                   (50, 13, 1), (300, 2, 49)])
+                                   (50, 13, 1), (300, 2, 49), (4, 5, 60000)])
 @pytest.mark.parametrize("training", [True, False])
 def test_float16_backward_kernel_is_the_float32_one_rounded(shape, training):
     """The kernels' own float16 backward: the gradient sums of the float32 values (same

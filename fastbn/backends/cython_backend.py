@@ -324,21 +324,15 @@ class CythonBackend(Backend):
         if weights is not None:
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
         if self._reads_halves(x):
-            # Statistics and normalization read (and written) as float16 by the kernels
-            # themselves, with the training kernel's multipliers (float64, then float32):
-            # its bits, rounded once.
-            mean, var = self.moments(x)
-            f32 = np.dtype(np.float32)
-            k = (np.asarray(scale, np.float64) / np.sqrt(var + epsilon)).astype(f32)
-            y = self._half_output(x, out)
-            self._run(self._k.normalize, x.size, x, y, mean.astype(f32), k,
-                      np.ascontiguousarray(offset, f32), bool(relu), False)
-            return self._finish(x, y, out), mean, var
-        xk = self._input(x)
-        y = self._output(x, xk, out)
+            # Read and written as float16 by the kernel itself: no float32 copies.
+            xk, ct, y = x, np.dtype(np.float32), self._half_output(x, out)
+        else:
+            xk = self._input(x)
+            ct = xk.dtype
+            y = self._output(x, xk, out)
         mean, var = self._run(
-            self._k.train_forward, xk.size, xk, y, np.ascontiguousarray(scale, xk.dtype),
-            np.ascontiguousarray(offset, xk.dtype), float(epsilon), bool(relu), self._stream(y))
+            self._k.train_forward, xk.size, xk, y, np.ascontiguousarray(scale, ct),
+            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y))
         return self._finish(x, y, out), mean, var
 
     def grad_reductions(self, x, dy, mean):
