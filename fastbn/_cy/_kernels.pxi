@@ -135,6 +135,31 @@ cdef extern from *:
             y[j] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
         }
     }
+    /* dx = a * dy + (k * (x - m) + b) on float16 x, dy and dx, in float32 with the fused
+       multiply-adds the float32 kernels compile it to, rounded once; parameters as in
+       fastbn_affine_halves. */
+    static void fastbn_grad_halves(const unsigned short* x, const unsigned short* dy,
+                                   unsigned short* dx, Py_ssize_t n, const float* m,
+                                   const float* k, const float* b, const float* a,
+                                   int per_value) {
+        Py_ssize_t j = 0, s = per_value ? 1 : 0;
+        for (; j + 8 <= n; j += 8) {
+            __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + j)));
+            __m256 g = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dy + j)));
+            __m256 mv = per_value ? _mm256_loadu_ps(m + j) : _mm256_set1_ps(m[0]);
+            __m256 kv = per_value ? _mm256_loadu_ps(k + j) : _mm256_set1_ps(k[0]);
+            __m256 bv = per_value ? _mm256_loadu_ps(b + j) : _mm256_set1_ps(b[0]);
+            __m256 av = per_value ? _mm256_loadu_ps(a + j) : _mm256_set1_ps(a[0]);
+            __m256 t = _mm256_fmadd_ps(kv, _mm256_sub_ps(v, mv), bv);
+            t = _mm256_fmadd_ps(av, g, t);
+            _mm_storeu_si128((__m128i*)(dx + j), _mm256_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT));
+        }
+        for (; j < n; j++) {
+            float t = fmaf(k[j * s], _cvtsh_ss(x[j]) - m[j * s], b[j * s]);
+            t = fmaf(a[j * s], _cvtsh_ss(dy[j]), t);
+            dx[j] = _cvtss_sh(t, _MM_FROUND_TO_NEAREST_INT);
+        }
+    }
     #else
     static int fastbn_have_f16c(void) { return 0; }
     static float fastbn_half_to_float(unsigned short h) { return 0; }
@@ -143,6 +168,10 @@ cdef extern from *:
     static void fastbn_affine_halves(const unsigned short* x, unsigned short* y, Py_ssize_t n,
                                      const float* m, const float* k, const float* b,
                                      int per_value, int relu) {}
+    static void fastbn_grad_halves(const unsigned short* x, const unsigned short* dy,
+                                   unsigned short* dx, Py_ssize_t n, const float* m,
+                                   const float* k, const float* b, const float* a,
+                                   int per_value) {}
     #endif
     """
     int fastbn_have_f16c() noexcept nogil
@@ -152,6 +181,9 @@ cdef extern from *:
     void fastbn_affine_halves(const unsigned short* x, unsigned short* y, Py_ssize_t n,
                               const float* m, const float* k, const float* b, int per_value,
                               int relu) noexcept nogil
+    void fastbn_grad_halves(const unsigned short* x, const unsigned short* dy,
+                            unsigned short* dx, Py_ssize_t n, const float* m, const float* k,
+                            const float* b, const float* a, int per_value) noexcept nogil
 
 ctypedef fused floating:
     float
@@ -1036,27 +1068,12 @@ cdef inline void _halves_row(const unsigned short* x, const unsigned short* dy,
                              const float* b, const float* a, bint per_value,
                              bint relu) noexcept nogil:
     """_affine_row (per_value) or _affine_run (m, k, b, a at [0]) on float16 x (and dy),
-    y float16 (F16C builds): the float32 arithmetic, rounded once.  The normalization
-    converts in registers; the input gradient goes WRAP values at a time through the
-    float32 loop itself."""
-    cdef float bx[WRAP]
-    cdef float bd[WRAP]
-    cdef float by[WRAP]
-    cdef Py_ssize_t j0 = 0, size
+    y float16 (F16C builds): the float32 arithmetic, rounded once, converted in
+    registers."""
     if dy == NULL:
         fastbn_affine_halves(x, y, n, m, k, b, per_value, relu)
-        return
-    while j0 < n:
-        size = n - j0 if n - j0 < WRAP else WRAP
-        fastbn_halves_to_floats(x + j0, bx, size)
-        fastbn_halves_to_floats(dy + j0, bd, size)
-        if per_value:
-            _affine_row(bx, bd, by, size, m + j0, k + j0, b + j0, a + j0, 1, False)
-        else:
-            _affine_run(bx, bd, by, size, m[0], k[0], b[0], a[0], <const float*>NULL, 0,
-                        False)
-        fastbn_floats_to_halves(by, y + j0, size)
-        j0 += size
+    else:
+        fastbn_grad_halves(x, dy, y, n, m, k, b, a, per_value)
 
 
 cdef void _halves_stretch(const unsigned short* x, const unsigned short* dy, unsigned short* y,
