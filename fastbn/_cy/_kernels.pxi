@@ -191,13 +191,13 @@ ctypedef fused floating:
 
 # Elements per statistics block: small enough to stay in L2 between its two passes.
 DEF BLOCK = 32768
-# Inner sums in the data type run over this many rows (rows layout) or 8-lane steps
-# (runs layout) before they are flushed into float64.
+# Inner sums in the data type run over this many rows (rows layout) or steps of the
+# lanes (runs layout, see _run_sums) before they are flushed into float64.
 DEF FLUSH = 64
 # The sums take data about this many values at a time into a buffer that stays in L1:
 # float16 data widened to float32 (rows layout: whole rows, see _piece_rows), and in
-# the runs layout short runs gathered together (runs layout: whole runs, or whole
-# steps of the lanes of a long one), so that they share lanes and flushes.
+# the runs layout whole runs gathered together, so that short ones share lanes and
+# flushes (a longer run: whole steps of the lanes at a time, see _runs_pieces).
 DEF SUMS_PIECE = 2048
 # The runs layout's sums take what is left of a run after its whole steps of 32 (16)
 # lanes this many values at a time.
