@@ -64,6 +64,12 @@ cdef extern from *:
         _mm256_stream_pd(dst + 4, _mm256_loadu_pd(src + 4));
     }
     static void fastbn_stream_fence(void) { _mm_sfence(); }
+    #define FASTBN_COPY_VECTORS \
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_loadu_ps(s + i)); \
+        if (i + 4 <= n) { _mm_storeu_ps(d + i, _mm_loadu_ps(s + i)); i += 4; }
+    #define FASTBN_COPY_VECTORS_F64 \
+        for (; i + 4 <= n; i += 4) _mm256_storeu_pd(d + i, _mm256_loadu_pd(s + i)); \
+        if (i + 2 <= n) { _mm_storeu_pd(d + i, _mm_loadu_pd(s + i)); i += 2; }
     #elif defined(__SSE2__)
     #include <emmintrin.h>
     static void fastbn_stream_line_f32(float* dst, const float* src) {
@@ -73,6 +79,10 @@ cdef extern from *:
         for (int i = 0; i < 8; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
     }
     static void fastbn_stream_fence(void) { _mm_sfence(); }
+    #define FASTBN_COPY_VECTORS \
+        for (; i + 4 <= n; i += 4) _mm_storeu_ps(d + i, _mm_loadu_ps(s + i));
+    #define FASTBN_COPY_VECTORS_F64 \
+        for (; i + 2 <= n; i += 2) _mm_storeu_pd(d + i, _mm_loadu_pd(s + i));
     #else
     static void fastbn_stream_line_f32(float* dst, const float* src) {
         for (int i = 0; i < 16; i++) dst[i] = src[i];
@@ -81,11 +91,38 @@ cdef extern from *:
         for (int i = 0; i < 8; i++) dst[i] = src[i];
     }
     static void fastbn_stream_fence(void) {}
+    #define FASTBN_COPY_VECTORS \
+        for (; i + 4 <= n; i += 4) { d[i] = s[i]; d[i + 1] = s[i + 1]; \
+                                     d[i + 2] = s[i + 2]; d[i + 3] = s[i + 3]; }
+    #define FASTBN_COPY_VECTORS_F64 FASTBN_COPY_VECTORS
     #endif
+    /* Copies of short runs (into a piece of the sums) in vector moves and a switch: a
+       plain copy loop is turned into a library call by the compiler, and the call costs
+       more than copying a run of 49 values. */
+    static void fastbn_copy_f32(float* d, const float* s, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        FASTBN_COPY_VECTORS
+        switch (n - i) {
+            case 3: d[i + 2] = s[i + 2]; /* fall through */
+            case 2: d[i + 1] = s[i + 1]; /* fall through */
+            case 1: d[i] = s[i];
+        }
+    }
+    static void fastbn_copy_f64(double* d, const double* s, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        FASTBN_COPY_VECTORS_F64
+        switch (n - i) {
+            case 3: d[i + 2] = s[i + 2]; /* fall through */
+            case 2: d[i + 1] = s[i + 1]; /* fall through */
+            case 1: d[i] = s[i];
+        }
+    }
     """
     void fastbn_stream_line_f32(float* dst, const float* src) noexcept nogil
     void fastbn_stream_line_f64(double* dst, const double* src) noexcept nogil
     void fastbn_stream_fence() noexcept nogil
+    void fastbn_copy_f32(float* d, const float* s, Py_ssize_t n) noexcept nogil
+    void fastbn_copy_f64(double* d, const double* s, Py_ssize_t n) noexcept nogil
 
 cdef extern from *:
     """
@@ -1321,9 +1358,10 @@ cdef inline void _grad_run_sums(const floating* x, const floating* dy, Py_ssize_
 
 
 cdef inline void _copy(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        dst[i] = src[i]
+    if floating is float:
+        fastbn_copy_f32(dst, src, n)
+    else:
+        fastbn_copy_f64(dst, src, n)
 
 
 cdef void _runs_pieces(const floating* x, const floating* dy, const unsigned short* x_halves,
@@ -1361,8 +1399,8 @@ cdef void _runs_pieces(const floating* x, const floating* dy, const unsigned sho
                         fastbn_halves_to_floats(dy_halves + at + j * g.C * g.M, bd + j * size,
                                                 size)
             elif runs > 1:
-                # (A loop, not memcpy: a library call per run of 49 values cost as much as
-                # summing it.)
+                # (Not memcpy: a library call per run of 49 values cost as much as summing
+                # it.)
                 for j in range(runs):
                     _copy(bx + j * size, x + at + j * g.C * g.M, size)
                     if grad:
