@@ -35,6 +35,7 @@ STREAM_BYTES_VAR = "FASTBN_STREAM_BYTES"
 # Where the cache size cannot be read.
 DEFAULT_STREAM_BYTES = 16 << 20
 _F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
 
 
 def cpu_has_avx2():
@@ -305,14 +306,16 @@ class CythonBackend(Backend):
                   bool(relu), self._stream(y))
         return self._finish(x, y, out)
 
-    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
+    def _operands(self, x, out):
+        """(what the kernels read, their compute dtype, where they write) for x and out."""
         if self._reads_halves(x):
             # Read and written as float16 by the kernel itself: no float32 copies.
-            xk, ct, y = x, np.dtype(np.float32), self._half_output(x, out)
-        else:
-            xk = self._input(x)
-            ct = xk.dtype
-            y = self._output(x, xk, out)
+            return x, _F32, self._half_output(x, out)
+        xk = self._input(x)
+        return xk, xk.dtype, self._output(x, xk, out)
+
+    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
+        xk, ct, y = self._operands(x, out)
         self._run(
             self._k.infer_forward, xk.size, xk, y, np.ascontiguousarray(mean, ct),
             np.ascontiguousarray(variance, ct),
@@ -323,13 +326,7 @@ class CythonBackend(Backend):
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         if weights is not None:
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
-        if self._reads_halves(x):
-            # Read and written as float16 by the kernel itself: no float32 copies.
-            xk, ct, y = x, np.dtype(np.float32), self._half_output(x, out)
-        else:
-            xk = self._input(x)
-            ct = xk.dtype
-            y = self._output(x, xk, out)
+        xk, ct, y = self._operands(x, out)
         mean, var = self._run(
             self._k.train_forward, xk.size, xk, y, np.ascontiguousarray(scale, ct),
             np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y))
@@ -355,7 +352,7 @@ class CythonBackend(Backend):
                  out=None):
         if weights is None and self._reads_halves(x, dy):
             # Read and written as float16 by the kernel itself: no float32 copies.
-            xk, dk, w, ct = x, dy, None, np.dtype(np.float32)
+            xk, dk, w, ct = x, dy, None, _F32
             y = self._half_output(x, out)
         else:
             xk = self._input(x)
