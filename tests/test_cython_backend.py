@@ -558,6 +558,26 @@ def test_gil_is_released_while_kernels_run():
     assert count > 10000
 
 
+@pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_short_runs_of_every_length(kernels, dtype):
+    """Runs of 2..40 values, gathered several to a piece by the sums (every length of a
+    run's tail after its vector moves and whole steps): the statistics and gradient sums
+    of float64 arithmetic."""
+    for m in range(2, 41):
+        x = _data((9, 3, m), dtype)
+        dy = _data((9, 3, m), dtype, seed=1, loc=0.0)
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        mean, var = kernels.moments(x, None, 2)
+        np.testing.assert_allclose(mean, x64.mean((0, 2)), rtol=1e-6)
+        np.testing.assert_allclose(var, x64.var((0, 2)), rtol=1e-5)
+        ref_mean = x64.mean((0, 2))
+        sum_dy, sum_dy_xc = kernels.grad_reductions(x, dy, ref_mean, 2)
+        np.testing.assert_allclose(sum_dy, dy64.sum((0, 2)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sum_dy_xc, (dy64 * (x64 - ref_mean[:, None])).sum((0, 2)),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["outlier-first", "sorted", "offset", "constant"])
 @pytest.mark.parametrize("layout", ["rows", "wide-rows", "runs", "short-runs"])
 def test_statistics_stay_accurate_on_hard_data(backend, case, layout):
