@@ -386,6 +386,37 @@ def test_float16_backward_kernel_is_the_float32_one_rounded(shape, training):
                              np.ones((shape[0], 1, shape[2]), np.float16), False, 2)
 
 
+class _NoConversions:
+    """The kernels, with float16 <-> float32 array conversions refused."""
+
+    def __init__(self, kernels):
+        self._kernels = kernels
+
+    def __getattr__(self, name):
+        if name in ("halves_to_floats", "floats_to_halves"):
+            raise AssertionError(f"{name} called: float16 went through a float32 copy")
+        return getattr(self._kernels, name)
+
+
+def test_contiguous_float16_is_read_and_written_by_the_kernels(monkeypatch):
+    """Every protocol call on C-contiguous float16 data without weights hands it to the
+    kernels as it is: no float32 copy in, none out (where the build converts float16)."""
+    backend = cython_backend.CythonBackend()
+    if not backend._k.f16c_enabled():
+        pytest.skip("this build converts float16 through NumPy")
+    monkeypatch.setattr(backend, "_k", _NoConversions(backend._k))
+    x3 = _data((40, 6, 7), np.float16)
+    dy3 = _data(x3.shape, np.float16, seed=1, loc=0.0)
+    v32 = np.linspace(0.5, 2, 6, dtype=np.float32)
+    out = np.empty_like(x3)
+    mean, var = backend.moments(x3)
+    for y in (backend.normalize(x3, mean, v32, v32, out=out),
+              backend.infer_forward(x3, v32, v32, v32, v32, 1e-3),
+              backend.train_forward(x3, v32, v32, 1e-3, out=out)[0],
+              backend.backward(x3, dy3, mean, var, v32, 1e-3, True)[0]):
+        assert y.dtype == np.float16 and y.shape == x3.shape
+
+
 def test_float16_conversions_only_where_built():
     for kernels in KERNELS:
         if not kernels.f16c_enabled():
@@ -415,7 +446,14 @@ def test_float16_is_float32_arithmetic_rounded_once(data_format, layout, with_ou
         train = nn.fused_batch_norm(a, scale, offset, **kw())
         infer = nn.fused_batch_norm(a, scale, offset, mean, var, is_training=False, **kw())
         grad = nn.fused_batch_norm_grad(g, a, scale, train[1], var, **kw())
-        return [*train, infer[0], *grad]
+        axis = -1 if data_format == "NHWC" else 1
+        shape = [1] * a.ndim
+        shape[axis] = c
+        normalized = nn.batch_normalization(
+            a, mean.reshape(shape), var.reshape(shape), offset.reshape(shape),
+            scale.reshape(shape), 1e-3,
+            **({"out": np.empty(a.shape, a.dtype)} if with_out else {}))
+        return [*train, infer[0], *grad, normalized]
 
     with fastbn.backends.use("cython"):
         halves = outputs(x, dy)

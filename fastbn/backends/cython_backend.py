@@ -256,6 +256,14 @@ class CythonBackend(Backend):
         """Where the kernels write a float16 result of x's shape: `out` if they can."""
         return out if out is not None and out.flags.c_contiguous else np.empty(x.shape, _F16)
 
+    def _operands(self, x, out):
+        """(what the kernels read, their compute dtype, where they write) for x and out."""
+        if self._reads_halves(x):
+            # Read and written as float16 by the kernel itself: no float32 copies.
+            return x, _F32, self._half_output(x, out)
+        xk = self._input(x)
+        return xk, xk.dtype, self._output(x, xk, out)
+
     @staticmethod
     def _vector(v, ct):
         """A per-channel vector as the kernels take it: float64 as it is, else in `ct`."""
@@ -298,21 +306,11 @@ class CythonBackend(Backend):
         return self._run(self._k.moments, xk.size, xk, w)
 
     def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
-        xk = self._input(x)
-        ct = xk.dtype
-        y = self._output(x, xk, out)
+        xk, ct, y = self._operands(x, out)
         self._run(self._k.normalize, xk.size, xk, y, np.ascontiguousarray(mean, ct),
                   np.ascontiguousarray(multiplier, ct), np.ascontiguousarray(offset, ct),
                   bool(relu), self._stream(y))
         return self._finish(x, y, out)
-
-    def _operands(self, x, out):
-        """(what the kernels read, their compute dtype, where they write) for x and out."""
-        if self._reads_halves(x):
-            # Read and written as float16 by the kernel itself: no float32 copies.
-            return x, _F32, self._half_output(x, out)
-        xk = self._input(x)
-        return xk, xk.dtype, self._output(x, xk, out)
 
     def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
         xk, ct, y = self._operands(x, out)
