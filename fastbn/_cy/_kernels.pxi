@@ -1788,11 +1788,14 @@ cdef void _multipliers(const double* variance, const double* scale, double epsil
 
 cdef void _infer(const floating* x, floating* y, Geometry* g, const floating* mean,
                  const double* variance, const double* scale, const floating* offset,
-                 double epsilon, bint relu, bint stream, int n_threads,
-                 floating* kv) noexcept nogil:
+                 double epsilon, bint relu, bint stream, int n_threads, floating* kv,
+                 const unsigned short* x_halves=NULL,
+                 unsigned short* y_halves=NULL) noexcept nogil:
+    """The multipliers, then the normalization; of float16 data x_halves, y_halves where
+    given (x and y NULL, floating float, F16C builds, not streamed)."""
     _multipliers(variance, scale, epsilon, g.C, kv)
     _affine(x, <const floating*>NULL, y, g, mean, kv, offset, <const floating*>NULL,
-            <const floating*>NULL, 0, 0, relu, stream, n_threads)
+            <const floating*>NULL, 0, 0, relu, stream, n_threads, x_halves, NULL, y_halves)
 
 
 def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray variance,
@@ -1837,11 +1840,9 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     cdef void* op = cnp.PyArray_DATA(offset)
     with nogil:
         if half:
-            _multipliers(vp, sp, epsilon, C, <float*>kv)
-            _affine(<const float*>NULL, <const float*>NULL, <float*>NULL, &g,
-                    <const float*>mp, <const float*>kv, <const float*>op, <const float*>NULL,
-                    <const float*>NULL, 0, 0, relu, False, n_threads,
-                    <const unsigned short*>xp, NULL, <unsigned short*>yp)
+            _infer(<const float*>NULL, <float*>NULL, &g, <const float*>mp, vp, sp,
+                   <const float*>op, epsilon, relu, False, n_threads, <float*>kv,
+                   <const unsigned short*>xp, <unsigned short*>yp)
         elif f32:
             _infer(<const float*>xp, <float*>yp, &g, <const float*>mp, vp, sp,
                    <const float*>op, epsilon, relu, stream, n_threads, <float*>kv)
@@ -2044,23 +2045,32 @@ cdef void _backward(floating* tag, const floating* x, const floating* dy, floati
                     Geometry* g, const double* mean, const double* variance,
                     const double* scale, double epsilon, bint training, const floating* wt,
                     Py_ssize_t ws_n, Py_ssize_t ws_m, double total, bint stream,
-                    int n_threads, double* work, double* sum_dy,
-                    double* sum_dy_xhat) noexcept nogil:
+                    int n_threads, double* work, double* sum_dy, double* sum_dy_xhat,
+                    const unsigned short* x_halves=NULL, const unsigned short* dy_halves=NULL,
+                    unsigned short* dx_halves=NULL) noexcept nogil:
+    """The gradient sums, then dx; of float16 data x_halves, dy_halves, dx_halves where
+    given (x, dy and dx NULL, floating float, F16C builds, no weights, not streamed):
+    the float32 kernels' bits on the same values, dx rounded once."""
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    # (The input gradient of runs shorter than CHANNELWISE_RUN_BYTES goes faster in
-    # _affine's items of several runs: NCHW 7x7 float32 16%, measured.)
-    if _channelwise(g, 2 * sizeof(floating), nt, CHANNELWISE_RUN_BYTES):
+    cdef bint halves = x_halves != NULL
+    # (The input gradient of runs shorter than CHANNELWISE_RUN_BYTES (float16: twice
+    # that) goes faster in _affine's items of several runs: NCHW 7x7 float32 16%, float16
+    # 7x7 and 14x14, measured.)
+    if _channelwise(g, 4 if halves else 2 * sizeof(floating), nt,
+                    2 * CHANNELWISE_RUN_BYTES if halves else CHANNELWISE_RUN_BYTES):
         _backward_channelwise(x, dy, dx, g, mean, variance, scale, epsilon, training, wt, ws_n,
-                              ws_m, total, stream, nt, sum_dy, sum_dy_xhat)
+                              ws_m, total, stream, nt, sum_dy, sum_dy_xhat, x_halves,
+                              dy_halves, dx_halves)
         return
-    _grad_sums(x, dy, g, mean, n_threads, work, work + size, sum_dy, sum_dy_xhat)
+    _grad_sums(x, dy, g, mean, n_threads, work, work + size, sum_dy, sum_dy_xhat, x_halves,
+               dy_halves)
     # Coefficients in the data type, reusing the start of the workspace.
     cdef floating* mv = <floating*>work
     _grad_coefficients(C, mean, variance, scale, epsilon, training, total, sum_dy,
                        sum_dy_xhat, mv)
     _affine(x, dy, dx, g, mv, mv + 2 * C, mv + 3 * C, mv + C, wt, ws_n, ws_m, False, stream,
-            n_threads)
+            n_threads, x_halves, dy_halves, dx_halves)
 
 
 cdef void _grad_coefficients(Py_ssize_t C, const double* mean, const double* variance,
@@ -2101,31 +2111,6 @@ cdef void _grad_coefficients(Py_ssize_t C, const double* mean, const double* var
                 bv[c0 + j] = 0
                 cv[c0 + j] = 0
         c0 += w
-
-
-cdef void _backward_halves(const unsigned short* x, const unsigned short* dy,
-                           unsigned short* dx, Geometry* g, const double* mean,
-                           const double* variance, const double* scale, double epsilon,
-                           bint training, double total, int n_threads, double* work,
-                           double* sum_dy, double* sum_dy_xhat) noexcept nogil:
-    """_backward of float16 data without weights (F16C builds): the gradient sums and
-    then dx from float16 x and dy widened a piece at a time (channel by channel where
-    _backward would go so), dx rounded once: the float32 kernels' bits on the same
-    values."""
-    cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C
-    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    if _channelwise(g, 4, nt, 2 * CHANNELWISE_RUN_BYTES):
-        _backward_channelwise(<const float*>NULL, <const float*>NULL, <float*>NULL, g, mean,
-                              variance, scale, epsilon, training, <const float*>NULL, 0, 0,
-                              total, False, nt, sum_dy, sum_dy_xhat, x, dy, dx)
-        return
-    _grad_sums(<const float*>NULL, <const float*>NULL, g, mean, n_threads, work, work + size,
-               sum_dy, sum_dy_xhat, x, dy)
-    cdef float* mv = <float*>work
-    _grad_coefficients(C, mean, variance, scale, epsilon, training, total, sum_dy,
-                       sum_dy_xhat, mv)
-    _affine(<const float*>NULL, <const float*>NULL, <float*>NULL, g, mv, mv + 2 * C,
-            mv + 3 * C, mv + C, <const float*>NULL, 0, 0, False, False, n_threads, x, dy, dx)
 
 
 def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
@@ -2185,9 +2170,10 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     cdef const double* sp = _doubles(scale, room + 2 * C)
     with nogil:
         if half:
-            _backward_halves(<const unsigned short*>xp, <const unsigned short*>gp,
-                             <unsigned short*>op, &g, mp, vp, sp, epsilon, training, total,
-                             n_threads, work, s1, s2)
+            _backward(<float*>NULL, <const float*>NULL, <const float*>NULL, <float*>NULL, &g,
+                      mp, vp, sp, epsilon, training, <const float*>NULL, 0, 0, total, False,
+                      n_threads, work, s1, s2, <const unsigned short*>xp,
+                      <const unsigned short*>gp, <unsigned short*>op)
         elif f32:
             _backward(<float*>NULL, <const float*>xp, <const float*>gp, <float*>op, &g, mp, vp,
                       sp, epsilon, training, <const float*>wt, ws_n, ws_m, total, stream,
