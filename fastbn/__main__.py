@@ -69,6 +69,9 @@ def main(argv=None):
     b.add_argument("--dtype", default="float32", choices=("float32", "float16", "float64"),
                    help="the data's dtype (default float32; the parameters are float32 for "
                         "float16 data, as TF's)")
+    b.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the data lives: cpu (default), or cuda (the numba_cuda backend "
+                        "on device arrays against torch on CUDA tensors; needs a GPU)")
     b.add_argument("--json", dest="json_path", default=None, help="write the raw figures here")
     b.add_argument("--plot", dest="plot_path", default=None,
                    help="write a bar chart here (PNG; needs matplotlib)")

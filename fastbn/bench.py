@@ -14,6 +14,11 @@ gradients, against torch autograd of F.batch_norm on a retained graph),
 `layer` (the whole fastbn.batch_norm layer with in-place updates, against
 torch's F.batch_norm in training mode: what a call costs end to end).
 Outputs go to preallocated buffers (`out=`) where the side allows it.
+
+`device="cuda"` (`bench --device cuda`) keeps the data on the GPU: the
+`numba_cuda` backend on Numba device arrays against torch's CUDA batch norm
+(cuDNN) on CUDA tensors, each timed up to a synchronization of the device,
+and the roofline from a device-to-device copy.
 """
 
 import contextlib
@@ -40,6 +45,7 @@ QUICK_CASES = [CASES[2], CASES[3], CASES[-1]]
 OPS = ("train", "infer", "backward", "layer")
 PASSES = {"train": 3, "infer": 2, "backward": 5, "layer": 3}
 COMPARATORS = ("torch", "tf")
+DEVICES = ("cpu", "cuda")
 SETTLE_SECONDS = 0.02
 
 
@@ -52,18 +58,22 @@ def _gradient(x):
     return np.random.default_rng(1).standard_normal(x.shape).astype(x.dtype)
 
 
-def _fastbn_side(backend, x, fmt):
+def _fastbn_side(backend, x, fmt, device="cpu"):
     c = _channels(x.shape, fmt)
     # Parameters and statistics in the compute dtype (float32 for float16 data), as TF's.
     ct = fastbn.backends.compute_dtype(x.dtype)
     scale, offset = np.ones(c, ct), np.zeros(c, ct)
     mean, var = np.zeros(c, ct), np.ones(c, ct)
-    out = np.empty_like(x)
     graph = fastbn.Graph()
     nn = fastbn.nn
-    dy = _gradient(x)
     axes = tuple(a for a in range(x.ndim) if a != (1 if fmt == "NCHW" else x.ndim - 1))
     batch_mean, batch_var = x.mean(axis=axes, dtype=ct), x.var(axis=axes, dtype=ct)
+    dy = _gradient(x)
+    out = np.empty_like(x)
+    if device == "cuda":
+        from numba import cuda
+
+        x, dy, out = cuda.to_device(x), cuda.to_device(dy), cuda.to_device(out)
 
     # (run() times these inside fastbn.backends.use(backend), as a user would pick one.)
     def train():
@@ -84,21 +94,23 @@ def _fastbn_side(backend, x, fmt):
     return {"train": train, "infer": infer, "backward": backward, "layer": layer}
 
 
-def _torch_side(x, fmt, threads):
+def _torch_side(x, fmt, threads, device="cpu"):
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
     if x.ndim == 4 and fmt == "NHWC":
         t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        t = t.contiguous(memory_format=torch.channels_last)
+        t = t.to(device).contiguous(memory_format=torch.channels_last)
     else:
-        t = torch.from_numpy(x)
+        t = torch.from_numpy(x).to(device)
     c = _channels(x.shape, fmt)
     # float32 parameters for float16 data (torch's CPU batch norm takes them so).
     pt = torch.float64 if x.dtype == np.float64 else torch.float32
-    weight, bias = torch.ones(c, dtype=pt), torch.zeros(c, dtype=pt)
-    running_mean, running_var = torch.zeros(c, dtype=pt), torch.ones(c, dtype=pt)
+    weight = torch.ones(c, dtype=pt, device=device)
+    bias = torch.zeros(c, dtype=pt, device=device)
+    running_mean = torch.zeros(c, dtype=pt, device=device)
+    running_var = torch.ones(c, dtype=pt, device=device)
 
     def train():
         with torch.no_grad():
@@ -111,7 +123,7 @@ def _torch_side(x, fmt, threads):
     tg = t.detach().clone().requires_grad_(True)
     wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     y = F.batch_norm(tg, running_mean.clone(), running_var.clone(), wg, bg, training=True)
-    dy = torch.from_numpy(_gradient(x))
+    dy = torch.from_numpy(_gradient(x)).to(device)
     if x.ndim == 4 and fmt == "NHWC":
         dy = dy.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
@@ -166,13 +178,56 @@ def copy_bandwidth(megabytes=256, repeats=5):
     return 2 * src.nbytes / float(np.median(times))
 
 
+def device_copy_bandwidth(megabytes=1024, repeats=5):
+    """Bytes per second a device-to-device copy moves (read + write) on the current GPU."""
+    from numba import cuda
+
+    src = cuda.to_device(np.ones(megabytes << 18, np.float32))
+    dst = cuda.device_array_like(src)
+    dst.copy_to_device(src)
+    cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_to_device(src)
+        cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / float(np.median(times))
+
+
+def _device_sync(side):
+    """Waits for the side's queued GPU work (bench --device cuda)."""
+    if side == "torch":
+        import torch
+
+        return torch.cuda.synchronize
+    from numba import cuda
+
+    return cuda.synchronize
+
+
 def _side_context(side, backend_names):
     return fastbn.backends.use(side) if side in backend_names else contextlib.nullcontext()
 
 
-def _time(fn, min_seconds):
-    """Seconds per call: the mean over enough calls to fill `min_seconds`."""
+def _time(fn, min_seconds, sync=None):
+    """Seconds per call: the mean over enough calls to fill `min_seconds`.
+
+    With `sync` (a GPU side), calls go in doubling batches, each ended by `sync()`, so
+    the queue is not drained after every call and the time counts finished work."""
     fn()
+    if sync is not None:
+        sync()
+        calls, batch, start = 0, 1, time.perf_counter()
+        while True:
+            for _ in range(batch):
+                fn()
+            sync()
+            calls += batch
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                return elapsed / calls
+            batch *= 2
     calls, start = 0, time.perf_counter()
     while True:
         fn()
@@ -183,12 +238,25 @@ def _time(fn, min_seconds):
 
 
 def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, ops=OPS,
-        progress=None, dtype=np.float32):
-    """Measures every (case, side, op) on data of `dtype`; returns a dict with `results`
-    and `copy_gbps`."""
+        progress=None, dtype=np.float32, device="cpu"):
+    """Measures every (case, side, op) on data of `dtype` on `device` ("cpu", or "cuda":
+    GPU data, the numba_cuda backend against torch on CUDA); returns a dict with
+    `results` and `copy_gbps`."""
     dtype = np.dtype(dtype)
     if dtype not in fastbn.nn.FLOAT_DTYPES:
         raise ValueError(f"dtype must be float16, float32 or float64, got {dtype}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    on_gpu = device == "cuda"
+    if on_gpu:
+        backend = fastbn.backends.get("numba_cuda")  # not here: BackendUnavailable says why
+        if backend.simulated:
+            raise ValueError("device cuda: the numba_cuda backend runs on Numba's simulator "
+                             "here; the bench needs a GPU")
+        backend_names = backend_names or ["numba_cuda"]
+        if backend_names != ["numba_cuda"]:
+            raise ValueError(f"device cuda times the numba_cuda backend only, got "
+                             f"{backend_names}")
     # (The CUDA simulator is a correctness tool: not timed unless named.)
     backend_names = backend_names or [
         b for b in fastbn.backends.available()
@@ -197,16 +265,19 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
     repeats = repeats or (3 if quick else 7)
     min_seconds = 0.01 if quick else 0.05
     threads = max(fastbn.backends.get(b).threads() for b in backend_names)
-    bandwidth = copy_bandwidth(64 if quick else 256)
+    if on_gpu:
+        bandwidth = device_copy_bandwidth(256 if quick else 1024)
+    else:
+        bandwidth = copy_bandwidth(64 if quick else 256)
     results = []
     total = len(cases) * repeats
     done = 0
     for name, shape, fmt in cases:
         x = (np.random.default_rng(0).standard_normal(shape) * 2 + 1).astype(dtype)
-        sides = {b: _fastbn_side(b, x, fmt) for b in backend_names}
+        sides = {b: _fastbn_side(b, x, fmt, device) for b in backend_names}
         if "torch" in compare:
-            sides["torch"] = _torch_side(x, fmt, threads)
-        if "tf" in compare and x.ndim in (2, 4) and dtype == np.float32:
+            sides["torch"] = _torch_side(x, fmt, threads, device)
+        if "tf" in compare and x.ndim in (2, 4) and dtype == np.float32 and not on_gpu:
             sides["tf"] = _tf_side(x, fmt)
         samples = {}
         for _ in range(repeats):
@@ -216,8 +287,9 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
                         # Each side's OpenMP threads spin a while after its calls: let them
                         # settle before the next side is timed.
                         time.sleep(SETTLE_SECONDS)
+                        sync = _device_sync(side) if on_gpu else None
                         with _side_context(side, backend_names):
-                            seconds = _time(fns[op], min_seconds)
+                            seconds = _time(fns[op], min_seconds, sync)
                         samples.setdefault((side, op), []).append(seconds)
             done += 1
             if progress:
@@ -231,8 +303,11 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
                 "roofline_ms": 1e3 * roofline, "of_roofline": median / roofline,
             })
         del sides
-    return {"fastbn": fastbn.__version__, "threads": threads, "copy_gbps": bandwidth / 1e9,
-            "dtype": dtype.name, "results": results}
+    report = {"fastbn": fastbn.__version__, "threads": threads, "copy_gbps": bandwidth / 1e9,
+              "dtype": dtype.name, "device": device, "results": results}
+    if on_gpu:
+        report["gpu"] = backend.description
+    return report
 
 
 def ratios(results, against):
@@ -254,7 +329,9 @@ def table(report):
     by = {(r["case"], r["side"], r["op"]): r for r in results}
     vs_numpy = ratios(results, "numpy")
     vs_torch = ratios(results, "torch")
-    lines = [f"median ms, {report.get('dtype', 'float32')}, {report['threads']} threads; "
+    where = (f"on {report['gpu']}" if report.get("device") == "cuda"
+             else f"{report['threads']} threads")
+    lines = [f"median ms, {report.get('dtype', 'float32')}, {where}; "
              f"copy bandwidth "
              f"{report['copy_gbps']:.1f} GB/s; (x faster than numpy / torch; share of roofline)"]
     for op in ops:
@@ -390,8 +467,12 @@ def main(args):
     except (ValueError, fastbn.backends.BackendUnavailable) as err:
         print(f"python -m fastbn bench: {err}", file=sys.stderr)
         return 2
-    report = run(names, compare=compare, quick=args.quick, repeats=args.repeats,
-                 progress=_progress, dtype=args.dtype)
+    try:
+        report = run(names, compare=compare, quick=args.quick, repeats=args.repeats,
+                     progress=_progress, dtype=args.dtype, device=args.device)
+    except (ValueError, fastbn.backends.BackendUnavailable) as err:
+        print(f"python -m fastbn bench: {err}", file=sys.stderr)
+        return 2
     print(table(report))
     if args.json_path:
         with open(args.json_path, "w") as f:

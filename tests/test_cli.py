@@ -101,6 +101,18 @@ def test_bench_dtype_must_be_a_float():
     assert result.returncode == 2 and "--dtype" in result.stderr
 
 
+def test_bench_device_must_be_known_and_usable():
+    with pytest.raises(ValueError, match="device must be one of cpu, cuda"):
+        bench.run(["numpy"], quick=True, repeats=1, cases=[bench.CASES[-1]], device="tpu")
+    status = fastbn.backends.status()["numba_cuda"]
+    simulated = status is None and fastbn.backends.get("numba_cuda").simulated
+    if status is None and not simulated:
+        pytest.skip("a GPU is here: tools/gpu_check.sh runs the device bench")
+    result = _run("bench", "--quick", "--device", "cuda")
+    assert result.returncode == 2
+    assert ("simulator" if simulated else status) in result.stderr
+
+
 def _report(times):
     """A bench report with one case and the given {(side, op): median ms}."""
     return {"results": [{"case": "c", "side": side, "op": op, "median_ms": ms,
