@@ -114,3 +114,34 @@ def test_device_arrays_reach_the_cuda_backend_from_any_selection(cuda):
             nn.fused_batch_norm(d_x, np.ones(2), np.zeros(2))
     with pytest.raises(TypeError, match="where x lives"):
         nn.fused_batch_norm(d_x, np.ones(2), np.zeros(2), out=np.empty((4, 2), np.float32))
+
+
+@pytest.mark.parametrize("shape, data_format", [((300, 40), "NHWC"), ((6, 5, 77), "NCHW"),
+                                                ((50, 7), "NHWC")])
+def test_direct_launches_give_the_bits_of_numbas_launches(cuda, backend, shape, data_format):
+    if backend.direct_launches is None:
+        pytest.skip("every kernel launches through Numba here")
+    x = _data(shape)
+    dy = _data(shape, seed=3)
+    c = shape[1] if data_format == "NCHW" else shape[-1]
+    scale = np.linspace(0.5, 2, c).astype(np.float32)
+    d_x, d_dy = cuda.to_device(x), cuda.to_device(dy)
+
+    def run():
+        y, mean, var = nn.fused_batch_norm(d_x, scale, np.ones(c), data_format=data_format)
+        z, _, _ = nn.fused_batch_norm(d_x, scale, np.ones(c), mean, var,
+                                      data_format=data_format, is_training=False)
+        grads = nn.fused_batch_norm_grad(d_dy, d_x, scale, mean, var, data_format=data_format)
+        return [_host(y), mean, var, _host(z), _host(grads[0]), grads[1], grads[2]]
+
+    run()  # the first launch of each kind goes through Numba, which compiles it
+    direct = run()
+    compiled = backend.direct_launches._compiled
+    assert compiled and all(entry is not False for entry in compiled.values())
+    launches, backend.direct_launches = backend.direct_launches, None
+    try:
+        through_numba = run()
+    finally:
+        backend.direct_launches = launches
+    for got, want in zip(direct, through_numba):
+        np.testing.assert_array_equal(got, want)

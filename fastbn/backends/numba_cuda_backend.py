@@ -1,10 +1,21 @@
 """The Numba CUDA backend: fastbn's kernels on NVIDIA GPUs (the `numba-cuda` package).
 
-Every protocol operation runs as CUDA kernels.  Reductions (moments,
-weighted moments, gradient sums) write one partial per (block, channel) in
-float64; the partials are combined on the host in block order, so results
-do not depend on scheduling.  Elementwise kernels normalize, apply the ReLU,
-and form the input gradient.
+Every protocol operation runs as CUDA kernels.  Reductions write one float64
+partial per (block, channel) of shifted sums; a second kernel adds each
+channel's partials in block order (a tree of fixed shape), so results do not
+depend on scheduling or on the device, and turns them into statistics, and in
+training into the normalization's coefficients, on the device.  Elementwise
+kernels normalize (with the optional ReLU) and form the input gradient; the
+rows layout (channels last) gives each thread one channel, the runs layout
+(channels first) each block whole runs of one channel, so no element pays for
+index arithmetic.
+
+What a call costs on the host matters as much as the kernels: Numba spends
+tens of microseconds on each allocation, copy and array argument.  So scratch
+buffers are kept per thread and reused, per-channel vectors travel through
+mapped (pinned, device-visible) host memory that the host reads and writes
+as NumPy arrays, and each operation ends by waiting for its kernels, which
+makes that reuse safe.
 
 Arrays: device arrays (anything with `__cuda_array_interface__`: Numba
 device arrays, CuPy arrays, PyTorch CUDA tensors) are used in place and the
@@ -19,37 +30,63 @@ Available where a CUDA device is present, or under Numba's simulator
 
 import math
 import os
+import threading
+import warnings
 
 import numpy as np
 
-from .base import (Backend, BackendUnavailable, compute_dtype, per_channel_multiplier,
-                   position_weights)
+from .base import Backend, BackendUnavailable, compute_dtype, environ_get, position_weights
 
 SIMULATOR_VAR = "NUMBA_ENABLE_CUDASIM"
+# FASTBN_CUDA_DIRECT_LAUNCH=0: every launch through Numba (see DirectLaunches).
+DIRECT_LAUNCH_VAR = "FASTBN_CUDA_DIRECT_LAUNCH"
 
 
 def _simulated():
     return os.environ.get(SIMULATOR_VAR, "") not in ("", "0")
 
 
-# Rows layout (M == 1): a block is CHANNELS_PER_BLOCK threads across channels times
-# ROW_THREADS threads down the rows.  Runs layout: RUN_THREADS threads along a run.
-# Elementwise kernels: grid-stride loops over at most ELEMENTWISE_BLOCKS blocks.
+# Reductions.  Rows layout (M == 1): a block is CHANNELS_PER_BLOCK threads across
+# channels times ROW_THREADS threads down the rows.  Runs layout: RUN_THREADS threads
+# along the positions of one channel.  The combine: CHANNELS_PER_BLOCK channels times
+# COMBINE_THREADS threads across the partials.
+# Elementwise kernels: ROW_THREADS rows of CHANNELS_PER_BLOCK channels, or up to
+# RUN_THREADS threads along each run, in grid-stride loops over at most
+# ELEMENTWISE_BLOCKS blocks.
 # The simulator runs every thread as a Python thread: there, blocks are tiny.
 if _simulated():
-    CHANNELS_PER_BLOCK, ROW_THREADS, RUN_THREADS = 4, 2, 8
-    ELEMENTWISE_THREADS, ELEMENTWISE_BLOCKS = 16, 1
+    CHANNELS_PER_BLOCK, ROW_THREADS, RUN_THREADS, COMBINE_THREADS = 4, 2, 8, 2
+    ELEMENTWISE_BLOCKS = 2
 else:
-    CHANNELS_PER_BLOCK, ROW_THREADS, RUN_THREADS = 32, 8, 256
-    ELEMENTWISE_THREADS, ELEMENTWISE_BLOCKS = 256, 4096
-# Elements a reduction block covers per channel (fixed by the shape, not the device).
+    CHANNELS_PER_BLOCK, ROW_THREADS, RUN_THREADS, COMBINE_THREADS = 32, 8, 256, 8
+    ELEMENTWISE_BLOCKS = 2048
+# Elements a reduction block covers per channel, at least (fixed by the shape, not the
+# device); rows blocks grow so that no more than ROW_PARTIALS of them share a channel,
+# which keeps the combine short.
 BLOCK_ELEMENTS = 16384
+ROW_PARTIALS = 256
+# The kernels load UNROLL elements before they use any: each thread then keeps several
+# loads in flight, which the memory system needs to reach its bandwidth.
+UNROLL = 4
+# Rows layouts with fewer channels than this go through the flat elementwise kernels
+# (a warp across so few channels would leave most of its lanes idle).
+MIN_ROW_CHANNELS = CHANNELS_PER_BLOCK
 
+# What the combine kernel leaves: the three sums only (gradients), the statistics too,
+# or also the normalization's coefficients (training).
+SUMS, STATISTICS, COEFFICIENTS = 0, 1, 2
 
 try:
     from numba import cuda
+
+    try:
+        from numba.cuda.core.errors import NumbaPerformanceWarning
+    except ImportError:  # numba-cuda before its own copy of Numba's core
+        from numba.core.errors import NumbaPerformanceWarning
 except ImportError:  # the backend then says so (BackendUnavailable)
     cuda = None
+# Numba warns of launches of fewer blocks than this (its low-occupancy warning).
+FEW_BLOCKS = 128
 
 float64 = np.float64
 
@@ -58,18 +95,24 @@ def _jit(fn):
     return cuda.jit(fn) if cuda is not None else fn
 
 
+def _device(fn):
+    return cuda.jit(device=True)(fn) if cuda is not None else fn
+
+
 @_jit
-def rows_sums(x, a, has_a, a_c, rows_per_block, centre, centre_from_data, out0, out1, out2):
+def rows_sums(x, a, parts, has_a, a_c, rows_per_block, centre_from_data):
     """Per-channel partials of a rows block: sum(a), sum(a*d), sum(a*d*d), d = x - centre.
 
-    a is `a[r, c * a_c, 0]` (weights shared by the channels: a_c = 0), or 1 without it.
-    The centre is centre[c], or with `centre_from_data` each channel's first element,
-    then written to centre[c].
+    a is `a[r, c * a_c, 0]` (weights shared by the channels: a_c = 0), or 1 without
+    it.  The centre is parts[0, c], or with `centre_from_data` each channel's first
+    element, then written there.  Partial k of block b goes to
+    parts[1 + k * blocks + b, c].
     """
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + tx
     b = cuda.blockIdx.y
+    blocks = cuda.gridDim.y
     n_rows = x.shape[0]
     channels = x.shape[1]
     s0 = cuda.shared.array((ROW_THREADS, CHANNELS_PER_BLOCK), float64)
@@ -82,12 +125,38 @@ def rows_sums(x, a, has_a, a_c, rows_per_block, centre, centre_from_data, out0, 
         if centre_from_data:
             ce = float64(x[0, c, 0])
             if b == 0 and ty == 0:
-                centre[c] = ce
+                parts[0, c] = ce
         else:
-            ce = centre[c]
+            ce = parts[0, c]
         start = b * rows_per_block
         end = min(start + rows_per_block, n_rows)
-        for r in range(start + ty, end, ROW_THREADS):
+        # UNROLL rows loaded, then added in row order (the bits of a plain loop).
+        r = start + ty
+        while r + (UNROLL - 1) * ROW_THREADS < end:
+            v0 = float64(x[r, c, 0]) - ce
+            v1 = float64(x[r + ROW_THREADS, c, 0]) - ce
+            v2 = float64(x[r + 2 * ROW_THREADS, c, 0]) - ce
+            v3 = float64(x[r + 3 * ROW_THREADS, c, 0]) - ce
+            w0 = w1 = w2 = w3 = 1.0
+            if has_a:
+                w0 = float64(a[r, c * a_c, 0])
+                w1 = float64(a[r + ROW_THREADS, c * a_c, 0])
+                w2 = float64(a[r + 2 * ROW_THREADS, c * a_c, 0])
+                w3 = float64(a[r + 3 * ROW_THREADS, c * a_c, 0])
+            a0 += w0
+            a1 += w0 * v0
+            a2 += w0 * v0 * v0
+            a0 += w1
+            a1 += w1 * v1
+            a2 += w1 * v1 * v1
+            a0 += w2
+            a1 += w2 * v2
+            a2 += w2 * v2 * v2
+            a0 += w3
+            a1 += w3 * v3
+            a2 += w3 * v3 * v3
+            r += UNROLL * ROW_THREADS
+        while r < end:
             v = float64(x[r, c, 0]) - ce
             wt = 1.0
             if has_a:
@@ -95,6 +164,7 @@ def rows_sums(x, a, has_a, a_c, rows_per_block, centre, centre_from_data, out0, 
             a0 += wt
             a1 += wt * v
             a2 += wt * v * v
+            r += ROW_THREADS
     s0[ty, tx] = a0
     s1[ty, tx] = a1
     s2[ty, tx] = a2
@@ -107,17 +177,17 @@ def rows_sums(x, a, has_a, a_c, rows_per_block, centre, centre_from_data, out0, 
             t0 += s0[k, tx]
             t1 += s1[k, tx]
             t2 += s2[k, tx]
-        out0[b, c] = t0
-        out1[b, c] = t1
-        out2[b, c] = t2
+        parts[1 + b, c] = t0
+        parts[1 + blocks + b, c] = t1
+        parts[1 + 2 * blocks + b, c] = t2
 
 
 @_jit
-def runs_sums(x, a, has_a, a_c, positions_per_block, centre, centre_from_data, out0, out1,
-              out2):
+def runs_sums(x, a, parts, has_a, a_c, positions_per_block, centre_from_data):
     """`rows_sums` for a runs block of channel blockIdx.x, over positions p = n * M + m."""
     c = cuda.blockIdx.x
     b = cuda.blockIdx.y
+    blocks = cuda.gridDim.y
     tid = cuda.threadIdx.x
     m_size = x.shape[2]
     total = x.shape[0] * m_size
@@ -127,9 +197,9 @@ def runs_sums(x, a, has_a, a_c, positions_per_block, centre, centre_from_data, o
     if centre_from_data:
         ce = float64(x[0, c, 0])
         if b == 0 and tid == 0:
-            centre[c] = ce
+            parts[0, c] = ce
     else:
-        ce = centre[c]
+        ce = parts[0, c]
     start = b * positions_per_block
     end = min(start + positions_per_block, total)
     a0 = 0.0
@@ -158,52 +228,334 @@ def runs_sums(x, a, has_a, a_c, positions_per_block, centre, centre_from_data, o
         cuda.syncthreads()
         step //= 2
     if tid == 0:
-        out0[b, c] = s0[0]
-        out1[b, c] = s1[0]
-        out2[b, c] = s2[0]
+        parts[1 + b, c] = s0[0]
+        parts[1 + blocks + b, c] = s1[0]
+        parts[1 + 2 * blocks + b, c] = s2[0]
+
 
 @_jit
-def normalize(x, y, mean, k, b, relu):
-    m_size = x.shape[2]
-    channels = x.shape[1]
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        m = i % m_size
-        c = (i // m_size) % channels
-        n = i // (m_size * channels)
-        v = (x[n, c, m] - mean[c]) * k[c] + b[c]
-        if relu and v < 0:
-            v = 0
-        y[n, c, m] = v
+def combine(parts, io, coef, epsilon, result):
+    """Each channel's partials (parts as the sums kernels leave it) added in block
+    order, then what `result` asks for.
+
+    SUMS: io[0, c], io[1, c] = sum(a), sum(a*d).  STATISTICS: the mean and biased
+    variance in io[2, c], io[3, c] (0 where sum(a) is 0).  COEFFICIENTS: those, and
+    coef[:, c] = mean, scale / sqrt(variance + epsilon), offset, from the scale and
+    offset in io[0, c], io[1, c].
+    """
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + tx
+    channels = parts.shape[1]
+    blocks = (parts.shape[0] - 1) // 3
+    s0 = cuda.shared.array((COMBINE_THREADS, CHANNELS_PER_BLOCK), float64)
+    s1 = cuda.shared.array((COMBINE_THREADS, CHANNELS_PER_BLOCK), float64)
+    s2 = cuda.shared.array((COMBINE_THREADS, CHANNELS_PER_BLOCK), float64)
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    if c < channels:
+        for b in range(ty, blocks, COMBINE_THREADS):
+            a0 += parts[1 + b, c]
+            a1 += parts[1 + blocks + b, c]
+            a2 += parts[1 + 2 * blocks + b, c]
+    s0[ty, tx] = a0
+    s1[ty, tx] = a1
+    s2[ty, tx] = a2
+    cuda.syncthreads()
+    if ty == 0 and c < channels:
+        t0 = 0.0
+        t1 = 0.0
+        t2 = 0.0
+        for k in range(COMBINE_THREADS):
+            t0 += s0[k, tx]
+            t1 += s1[k, tx]
+            t2 += s2[k, tx]
+        if result == SUMS:
+            io[0, c] = t0
+            io[1, c] = t1
+        else:
+            mean = 0.0
+            variance = 0.0
+            if t0 != 0:
+                rel = t1 / t0
+                mean = parts[0, c] + rel
+                variance = max(t2 / t0 - rel * rel, 0.0)
+            io[2, c] = mean
+            io[3, c] = variance
+            if result == COEFFICIENTS:
+                coef[0, c] = mean
+                coef[1, c] = io[0, c] / math.sqrt(variance + epsilon)
+                coef[2, c] = io[1, c]
+
 
 @_jit
-def grad_input(x, dy, dx, mean, a, bb, cc, w, has_w):
-    m_size = x.shape[2]
+def stage(source, target):
+    """target[:R] = source for an (R, C) source: per-channel vectors from mapped host
+    memory into device memory, read there by every block."""
+    rows, channels = source.shape
+    for i in range(cuda.grid(1), rows * channels, cuda.gridsize(1)):
+        r = i // channels
+        c = i - r * channels
+        target[r, c] = source[r, c]
+
+
+@_device
+def _normalized(v, mean, k, b, relu):
+    v = (v - mean) * k + b
+    if relu and v < 0:
+        v = 0
+    return v
+
+
+@_jit
+def normalize_rows(x, y, coef, relu):
+    """y = (x - coef[0]) * coef[1] + coef[2] per channel, a thread per channel of a tile."""
+    c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
+    if c < x.shape[1]:
+        mean = coef[0, c]
+        k = coef[1, c]
+        b = coef[2, c]
+        n = x.shape[0]
+        step = cuda.gridDim.y * ROW_THREADS
+        r = cuda.blockIdx.y * ROW_THREADS + cuda.threadIdx.y
+        while r + (UNROLL - 1) * step < n:
+            v0 = x[r, c, 0]
+            v1 = x[r + step, c, 0]
+            v2 = x[r + 2 * step, c, 0]
+            v3 = x[r + 3 * step, c, 0]
+            y[r, c, 0] = _normalized(v0, mean, k, b, relu)
+            y[r + step, c, 0] = _normalized(v1, mean, k, b, relu)
+            y[r + 2 * step, c, 0] = _normalized(v2, mean, k, b, relu)
+            y[r + 3 * step, c, 0] = _normalized(v3, mean, k, b, relu)
+            r += UNROLL * step
+        while r < n:
+            y[r, c, 0] = _normalized(x[r, c, 0], mean, k, b, relu)
+            r += step
+
+
+@_jit
+def normalize_runs(x, y, coef, relu):
+    """`normalize_rows` for the runs layout: a block per (n, c) run at a time."""
     channels = x.shape[1]
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        m = i % m_size
-        c = (i // m_size) % channels
-        n = i // (m_size * channels)
-        term = bb[c] * (x[n, c, m] - mean[c]) + cc[c]
+    size = x.shape[2]
+    step = cuda.blockDim.x
+    for p in range(cuda.blockIdx.x, x.shape[0] * channels, cuda.gridDim.x):
+        n = p // channels
+        c = p - n * channels
+        mean = coef[0, c]
+        k = coef[1, c]
+        b = coef[2, c]
+        m = cuda.threadIdx.x
+        while m + (UNROLL - 1) * step < size:
+            v0 = x[n, c, m]
+            v1 = x[n, c, m + step]
+            v2 = x[n, c, m + 2 * step]
+            v3 = x[n, c, m + 3 * step]
+            y[n, c, m] = _normalized(v0, mean, k, b, relu)
+            y[n, c, m + step] = _normalized(v1, mean, k, b, relu)
+            y[n, c, m + 2 * step] = _normalized(v2, mean, k, b, relu)
+            y[n, c, m + 3 * step] = _normalized(v3, mean, k, b, relu)
+            m += UNROLL * step
+        while m < size:
+            y[n, c, m] = _normalized(x[n, c, m], mean, k, b, relu)
+            m += step
+
+
+@_jit
+def normalize_flat(x, y, coef, relu):
+    """`normalize_rows` for rows of few channels: a thread per element."""
+    channels = x.shape[1]
+    for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
+        n = i // channels
+        c = i - n * channels
+        y[n, c, 0] = _normalized(x[n, c, 0], coef[0, c], coef[1, c], coef[2, c], relu)
+
+
+@_jit
+def grad_rows(x, dy, dx, coef, w, has_w):
+    """dx = coef[1] * dy + w * (coef[2] * (x - coef[0]) + coef[3]), w one per position
+    (or 1 without `has_w`)."""
+    c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
+    if c < x.shape[1]:
+        mean = coef[0, c]
+        a = coef[1, c]
+        bb = coef[2, c]
+        cc = coef[3, c]
+        n = x.shape[0]
+        step = cuda.gridDim.y * ROW_THREADS
+        r = cuda.blockIdx.y * ROW_THREADS + cuda.threadIdx.y
+        while r + (UNROLL - 1) * step < n:
+            x0 = x[r, c, 0]
+            x1 = x[r + step, c, 0]
+            x2 = x[r + 2 * step, c, 0]
+            x3 = x[r + 3 * step, c, 0]
+            d0 = dy[r, c, 0]
+            d1 = dy[r + step, c, 0]
+            d2 = dy[r + 2 * step, c, 0]
+            d3 = dy[r + 3 * step, c, 0]
+            t0 = bb * (x0 - mean) + cc
+            t1 = bb * (x1 - mean) + cc
+            t2 = bb * (x2 - mean) + cc
+            t3 = bb * (x3 - mean) + cc
+            if has_w:
+                t0 *= w[r, 0, 0]
+                t1 *= w[r + step, 0, 0]
+                t2 *= w[r + 2 * step, 0, 0]
+                t3 *= w[r + 3 * step, 0, 0]
+            dx[r, c, 0] = a * d0 + t0
+            dx[r + step, c, 0] = a * d1 + t1
+            dx[r + 2 * step, c, 0] = a * d2 + t2
+            dx[r + 3 * step, c, 0] = a * d3 + t3
+            r += UNROLL * step
+        while r < n:
+            term = bb * (x[r, c, 0] - mean) + cc
+            if has_w:
+                term *= w[r, 0, 0]
+            dx[r, c, 0] = a * dy[r, c, 0] + term
+            r += step
+
+
+@_jit
+def grad_runs(x, dy, dx, coef, w, has_w):
+    """`grad_rows` for the runs layout."""
+    channels = x.shape[1]
+    size = x.shape[2]
+    step = cuda.blockDim.x
+    for p in range(cuda.blockIdx.x, x.shape[0] * channels, cuda.gridDim.x):
+        n = p // channels
+        c = p - n * channels
+        mean = coef[0, c]
+        a = coef[1, c]
+        bb = coef[2, c]
+        cc = coef[3, c]
+        m = cuda.threadIdx.x
+        while m + (UNROLL - 1) * step < size:
+            x0 = x[n, c, m]
+            x1 = x[n, c, m + step]
+            x2 = x[n, c, m + 2 * step]
+            x3 = x[n, c, m + 3 * step]
+            d0 = dy[n, c, m]
+            d1 = dy[n, c, m + step]
+            d2 = dy[n, c, m + 2 * step]
+            d3 = dy[n, c, m + 3 * step]
+            t0 = bb * (x0 - mean) + cc
+            t1 = bb * (x1 - mean) + cc
+            t2 = bb * (x2 - mean) + cc
+            t3 = bb * (x3 - mean) + cc
+            if has_w:
+                t0 *= w[n, 0, m]
+                t1 *= w[n, 0, m + step]
+                t2 *= w[n, 0, m + 2 * step]
+                t3 *= w[n, 0, m + 3 * step]
+            dx[n, c, m] = a * d0 + t0
+            dx[n, c, m + step] = a * d1 + t1
+            dx[n, c, m + 2 * step] = a * d2 + t2
+            dx[n, c, m + 3 * step] = a * d3 + t3
+            m += UNROLL * step
+        while m < size:
+            term = bb * (x[n, c, m] - mean) + cc
+            if has_w:
+                term *= w[n, 0, m]
+            dx[n, c, m] = a * dy[n, c, m] + term
+            m += step
+
+
+@_jit
+def grad_flat(x, dy, dx, coef, w, has_w):
+    """`grad_rows` for rows of few channels."""
+    channels = x.shape[1]
+    for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
+        n = i // channels
+        c = i - n * channels
+        term = coef[2, c] * (x[n, c, 0] - coef[0, c]) + coef[3, c]
         if has_w:
-            term = term * w[n, 0, m]
-        dx[n, c, m] = a[c] * dy[n, c, m] + term
+            term *= w[n, 0, 0]
+        dx[n, c, 0] = coef[1, c] * dy[n, c, 0] + term
 
 
-KERNELS = {name: globals()[name] for name in ("rows_sums", "runs_sums", "normalize",
-                                              "grad_input")}
+KERNELS = {name: globals()[name] for name in (
+    "rows_sums", "runs_sums", "combine", "stage", "normalize_rows", "normalize_runs",
+    "normalize_flat", "grad_rows", "grad_runs", "grad_flat")}
+
+# Launch configurations kept (Numba builds one per launch otherwise); beyond this
+# many, the cache starts again.
+LAUNCHES_KEPT = 256
+# How DirectLaunches packs an argument: an array, or a scalar passed as it is.
+ARRAY, AS_IS = "array", None
 
 
-def _elementwise_blocks(size):
-    return max(1, min(ELEMENTWISE_BLOCKS, math.ceil(size / ELEMENTWISE_THREADS)))
+def _host_copy(row):
+    """A NumPy copy of a row of a mapped buffer (which the next call overwrites)."""
+    return np.array(row, np.float64)
 
 
-def _sum_blocks(partial):
-    """Block partials (B, C) summed in block order, on the host."""
-    host = partial.copy_to_host() if hasattr(partial, "copy_to_host") else np.asarray(partial)
-    total = host[0].copy()
-    for row in host[1:]:
-        total += row
-    return total
+class DirectLaunches:
+    """Launches of kernels Numba has compiled, straight through cuda.core.
+
+    Numba spends 10-15 us of Python on each array argument of a launch
+    (contexts, pointer objects, per-argument dispatch).  A kernel's first
+    launch with a new combination of argument types goes through Numba, which
+    compiles it; later ones pack the arguments as Numba packs them (an array
+    is meminfo, parent, size, itemsize, data pointer, shape, strides) and
+    launch the compiled function on the default stream.  This leans on
+    numba-cuda's internals: where they are not as expected, Numba launches.
+    """
+
+    def __init__(self, kernels):
+        import ctypes
+
+        from cuda.core import LaunchConfig, launch
+        from numba.cuda.cudadrv.driver import _to_core_stream
+
+        self._kernels = kernels
+        self._launch = launch
+        self._config = LaunchConfig
+        self._stream = _to_core_stream(0)
+        self._compiled = {}
+        self._configs = {}
+        self._scalars = {"int64": ctypes.c_int64, "int32": ctypes.c_int32,
+                         "float64": ctypes.c_double, "float32": ctypes.c_float,
+                         "bool": AS_IS}
+
+    def __call__(self, name, grid, block, args, numba_launch):
+        key = (name, *[getattr(a, "_numba_type_", None) or type(a) for a in args])
+        compiled = self._compiled.get(key)
+        if compiled is None or compiled is False:
+            numba_launch(*args)
+            if compiled is None:
+                try:
+                    self._compiled[key] = self._compile(name, args)
+                except Exception:  # not a kernel we can launch ourselves: Numba does
+                    self._compiled[key] = False
+            return
+        function, packings = compiled
+        params = []
+        for packing, a in zip(packings, args):
+            if packing is ARRAY:
+                params += (0, 0, a.size, a.dtype.itemsize, a.device_ctypes_pointer.value,
+                           *a.shape, *a.strides)
+            elif packing is AS_IS:
+                params.append(a)
+            else:
+                params.append(packing(a))
+        config = self._configs.get((grid, block))
+        if config is None:
+            if len(self._configs) >= LAUNCHES_KEPT:
+                self._configs.clear()
+            config = self._configs[(grid, block)] = self._config(grid=grid, block=block)
+        self._launch(self._stream, config, function, *params)
+
+    def _compile(self, name, args):
+        """(the compiled function, how to pack each argument) of kernel `name` for
+        arguments like `args`, which Numba has just launched it with."""
+        dispatcher = self._kernels[name]
+        kernel = dispatcher.overloads[tuple(dispatcher.typeof_pyval(a) for a in args)]
+        if getattr(kernel, "extensions", None) or getattr(kernel, "debug", False):
+            raise RuntimeError("kernel launched with extensions or in debug mode")
+        packings = [ARRAY if hasattr(argument_type, "ndim") else
+                    self._scalars[str(argument_type)] for argument_type in kernel.argument_types]
+        return kernel._codelibrary.get_cufunc().kernel, packings
 
 
 class NumbaCudaBackend(Backend):
@@ -226,10 +578,70 @@ class NumbaCudaBackend(Backend):
                     f"{SIMULATOR_VAR}=1 runs it on Numba's simulator")
         self._cuda = cuda
         self._k = KERNELS
+        self._launches = {}
+        self._local = threading.local()
+        self.direct_launches = None
+        if not self.simulated and environ_get(DIRECT_LAUNCH_VAR) != "0":
+            try:
+                self.direct_launches = DirectLaunches(KERNELS)
+            except Exception:  # an older numba-cuda: its own launches
+                pass
+        self._device_types = ()
+        if not self.simulated:
+            from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+            self._device_types = (DeviceNDArray,)
         where = "Numba's CUDA simulator" if self.simulated else cuda.get_current_device().name
         if isinstance(where, bytes):
             where = where.decode()
         self.description = f"Numba CUDA kernels ({where})"
+
+    # -- launches and buffers ------------------------------------------------------
+    def _launch(self, name, grid, block):
+        """The kernel `name` configured for (grid, block), built once.
+
+        Numba's low-occupancy warning is kept from callers: the launch shape is
+        fastbn's choice, and nothing a caller could act on."""
+        if self.simulated:  # (the simulator configures the kernel object itself)
+            return self._k[name][grid, block]
+        key = (name, grid, block)
+        configured = self._launches.get(key)
+        if configured is None:
+            if len(self._launches) >= LAUNCHES_KEPT:
+                self._launches.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NumbaPerformanceWarning)
+                configured = self._k[name][grid, block]
+            self._launches[key] = configured
+        return configured
+
+    def _run(self, name, grid, block, *args):
+        """Launches kernel `name` on (grid, block) with `args`."""
+        numba_launch = self._launch(name, grid, block)
+        direct = self.direct_launches
+        if direct is None:
+            numba_launch(*args)
+        else:
+            direct(name, grid, block, args, numba_launch)
+
+    def _buffer(self, role, shape, dtype, mapped=False):
+        """A scratch array for `role`, kept for this thread and reused by later calls
+        (each operation waits for its kernels before it returns).  Mapped buffers are
+        host memory the device reads and writes: NumPy arrays on the host."""
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        key = (role, shape, np.dtype(dtype).char, mapped)
+        found = buffers.get(key)
+        if found is None:
+            if len(buffers) >= 64:
+                buffers.clear()
+            make = self._cuda.mapped_array if mapped else self._cuda.device_array
+            found = buffers[key] = make(shape, dtype)
+        return found
+
+    def _wait(self):
+        self._cuda.synchronize()
 
     # -- arrays ----------------------------------------------------------------
     @staticmethod
@@ -237,74 +649,80 @@ class NumbaCudaBackend(Backend):
         # (The simulator's device arrays have no __cuda_array_interface__.)
         return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
 
-    def _device(self, a, dtype=None):
-        """(device array, was on the host) for an (N, C, M) array or vector."""
-        cuda = self._cuda
-        if self.is_device_array(a):
-            d = a if type(a).__name__ == "FakeCUDAArray" else cuda.as_cuda_array(a)
-            if dtype is not None and d.dtype != dtype:
-                raise TypeError(f"device arrays must already be {np.dtype(dtype)}, got {d.dtype}")
-            return d, False
-        host = np.ascontiguousarray(a, dtype)
-        return cuda.to_device(host), True
-
-    def _vector(self, v, dtype):
-        return self._cuda.to_device(np.ascontiguousarray(v, dtype))
-
-    def _result(self, d_out, on_host, dtype, out):
-        """The result where the caller expects it: `out`, a host array, or on the device."""
-        if out is not None:
-            if self.is_device_array(out):
-                if d_out is not out:
-                    out.copy_to_device(d_out)
-                return out
-            np.copyto(out, d_out.copy_to_host(), casting="unsafe")
-            return out
-        if on_host:
-            return d_out.copy_to_host().astype(dtype, copy=False)
-        return d_out
+    def _device(self, a):
+        """A device array as Numba's (a Numba device array is taken as it is)."""
+        if type(a) in self._device_types or type(a).__name__ == "FakeCUDAArray":
+            return a
+        return self._cuda.as_cuda_array(a)
 
     def _compute_input(self, x):
-        """x on the device in its compute dtype (float16 is computed in float32)."""
+        """(x on the device in its compute dtype, whether it came from the host).
+
+        float16 is computed in float32 (device float16 goes through the host)."""
         ct = compute_dtype(x.dtype)
         if self.is_device_array(x):
             if x.dtype != ct:
                 host = np.asarray(x.copy_to_host(), ct)
                 return self._cuda.to_device(host), False
-            return self._device(x)[0], False
+            return self._device(x), False
         return self._cuda.to_device(np.ascontiguousarray(x, ct)), True
 
-    def _sums(self, d_x, d_a, a_c, centre, centre_from_data):
-        """Per-channel sum(a), sum(a*d), sum(a*d*d) (d = x - centre), float64 on the host.
+    def _output(self, d_x, out):
+        """Where a kernel writes a result of d_x's shape: `out` when it is a device
+        array of that dtype, else a new device array."""
+        if out is not None and self.is_device_array(out) and out.dtype == d_x.dtype:
+            return self._device(out)
+        return self._cuda.device_array(d_x.shape, d_x.dtype)
 
-        Block partials are summed on the host in block order.  d_a: None for a = 1.
-        """
+    def _finish_output(self, d_out, x, on_host, out):
+        """The result where the caller expects it: `out`, a host array, or on the device."""
+        if out is not None:
+            if self.is_device_array(out):
+                if out.dtype != d_out.dtype:  # float16
+                    out.copy_to_device(d_out.copy_to_host().astype(out.dtype))
+                return out
+            np.copyto(out, d_out.copy_to_host(), casting="unsafe")
+            return out
+        if on_host:
+            return d_out.copy_to_host().astype(x.dtype, copy=False)
+        if x.dtype != d_out.dtype:
+            # float16 device input: the result goes back in float16.
+            return self._cuda.to_device(d_out.copy_to_host().astype(x.dtype))
+        return d_out
+
+    # -- kernels -------------------------------------------------------------------
+    def _parts(self, d_x):
+        """(kernel, grid, block, elements per block, blocks) of d_x's reductions."""
         n, c, m = d_x.shape
-        cuda = self._cuda
         if m == 1:
-            per_block = max(1, BLOCK_ELEMENTS // CHANNELS_PER_BLOCK)
+            per_block = max(BLOCK_ELEMENTS // CHANNELS_PER_BLOCK,
+                            ROW_THREADS * math.ceil(n / (ROW_PARTIALS * ROW_THREADS)))
             blocks = max(1, math.ceil(n / per_block))
-            kernel = self._k["rows_sums"]
-            grid, block = (math.ceil(c / CHANNELS_PER_BLOCK), blocks), (CHANNELS_PER_BLOCK,
-                                                                        ROW_THREADS)
-        else:
-            per_block = BLOCK_ELEMENTS
-            blocks = max(1, math.ceil(n * m / per_block))
-            kernel, grid, block = self._k["runs_sums"], (c, blocks), RUN_THREADS
-        parts = [cuda.device_array((blocks, c), np.float64) for _ in range(3)]
+            return "rows_sums", (math.ceil(c / CHANNELS_PER_BLOCK), blocks), (
+                CHANNELS_PER_BLOCK, ROW_THREADS), per_block, blocks
+        blocks = max(1, math.ceil(n * m / BLOCK_ELEMENTS))
+        return "runs_sums", (c, blocks), RUN_THREADS, BLOCK_ELEMENTS, blocks
+
+    def _parts_buffer(self, d_x):
+        """The reductions' float64 scratch: the centre in row 0, then the partials."""
+        blocks = self._parts(d_x)[4]
+        return self._buffer("parts", (1 + 3 * blocks, d_x.shape[1]), np.float64)
+
+    def _sums(self, d_x, d_a, a_c, parts, centre_from_data, io, coef, epsilon, result):
+        """The per-channel sums of `rows_sums`, combined by `combine` as `result` asks."""
+        c = d_x.shape[1]
+        kernel, grid, block, per_block, _ = self._parts(d_x)
         has_a = d_a is not None
         if not has_a:
-            d_a = cuda.to_device(np.zeros((1, 1, 1)))
-        kernel[grid, block](d_x, d_a, has_a, a_c, per_block, centre, centre_from_data, *parts)
-        return tuple(_sum_blocks(p) for p in parts)
+            d_a = self._buffer("no weights", (1, 1, 1), d_x.dtype)
+        self._run(kernel, grid, block, d_x, d_a, parts, has_a, a_c, per_block,
+                  centre_from_data)
+        self._run("combine", math.ceil(c / CHANNELS_PER_BLOCK),
+                  (CHANNELS_PER_BLOCK, COMBINE_THREADS), parts, io, coef, float(epsilon),
+                  result)
 
-    def moments(self, x, weights=None):
-        n, c, m = x.shape
-        if n * m == 0 or c == 0:
-            return np.full(c, np.nan), np.full(c, np.nan)
-        return self._moments(self._compute_input(x)[0], weights)
-
-    def _moments(self, d_x, weights):
+    def _statistics(self, d_x, weights, io, coef=None, epsilon=0.0):
+        """Mean and biased variance into io[2], io[3] (and the coefficients into coef)."""
         n, c, m = d_x.shape
         d_w, w_c = None, 0
         if weights is not None:
@@ -312,45 +730,80 @@ class NumbaCudaBackend(Backend):
             w_c = 1 if w.shape[1] == c and c > 1 else 0
             d_w = self._cuda.to_device(np.ascontiguousarray(np.broadcast_to(
                 w, (n, w.shape[1], m))))
-        d_shift = self._cuda.device_array(c, np.float64)
-        s0, s1, s2 = self._sums(d_x, d_w, w_c, d_shift, True)
-        shift = d_shift.copy_to_host()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            safe = np.where(s0 == 0, 1.0, s0)
-            rel = s1 / safe
-            mean = np.where(s0 == 0, 0.0, shift + rel)
-            var = np.where(s0 == 0, 0.0, np.maximum(s2 / safe - rel * rel, 0.0))
-        return mean, var
+        if coef is None:
+            coef, result = self._buffer("no coefficients", (1, 1), d_x.dtype), STATISTICS
+        else:
+            result = COEFFICIENTS
+        self._sums(d_x, d_w, w_c, self._parts_buffer(d_x), True, io, coef, epsilon, result)
+
+    def _elementwise(self, kind, d_x, arrays, scalars):
+        """An elementwise kernel of `kind` ("normalize" or "grad") over d_x's layout."""
+        n, c, m = d_x.shape
+        if m > 1:
+            threads = min(RUN_THREADS, 32 * math.ceil(m / 32))
+            grid, block, layout = min(n * c, ELEMENTWISE_BLOCKS), threads, "runs"
+        elif c >= MIN_ROW_CHANNELS:
+            tiles = math.ceil(c / CHANNELS_PER_BLOCK)
+            down = max(1, min(math.ceil(n / ROW_THREADS), ELEMENTWISE_BLOCKS // tiles))
+            grid, block, layout = (tiles, down), (CHANNELS_PER_BLOCK, ROW_THREADS), "rows"
+        else:
+            threads = CHANNELS_PER_BLOCK * ROW_THREADS
+            grid, block, layout = min(math.ceil(n * c / threads), ELEMENTWISE_BLOCKS), \
+                threads, "flat"
+        self._run(f"{kind}_{layout}", grid, block, *arrays, *scalars)
+
+    def _on_device(self, vectors, dtype, device=None):
+        """The per-channel `vectors` as the first rows of a device array of `dtype`
+        (`device`, or one of their shape): written into mapped host memory, then
+        staged by one kernel."""
+        shape = (len(vectors), len(vectors[0]))
+        host = self._buffer("rows in", shape, dtype, mapped=True)
+        for row, vector in zip(host, vectors):
+            row[...] = vector
+        if device is None:
+            device = self._buffer("rows", shape, dtype)
+        threads = CHANNELS_PER_BLOCK * ROW_THREADS
+        blocks = max(1, min(math.ceil(shape[0] * shape[1] / threads), ELEMENTWISE_BLOCKS))
+        self._run("stage", blocks, threads, host, device)
+        return device
+
+    # -- the protocol ----------------------------------------------------------------
+    def moments(self, x, weights=None):
+        n, c, m = x.shape
+        if n * m == 0 or c == 0:
+            return np.full(c, np.nan), np.full(c, np.nan)
+        d_x = self._compute_input(x)[0]
+        io = self._buffer("io", (4, c), np.float64, mapped=True)
+        self._statistics(d_x, weights, io)
+        self._wait()
+        return _host_copy(io[2]), _host_copy(io[3])
 
     def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
         d_x, on_host = self._compute_input(x)
-        d_out = self._normalize(d_x, mean, multiplier, offset, relu)
+        ct = d_x.dtype
+        d_out = self._output(d_x, out)
+        if d_x.size:
+            coef = self._on_device((mean, multiplier, offset), ct)
+            self._elementwise("normalize", d_x, (d_x, d_out, coef), (bool(relu),))
+            self._wait()
         return self._finish_output(d_out, x, on_host, out)
 
-    def _normalize(self, d_x, mean, multiplier, offset, relu):
-        ct = d_x.dtype
-        d_out = self._cuda.device_array(d_x.shape, ct)
-        blocks = _elementwise_blocks(d_x.size)
-        if d_x.size:
-            self._k["normalize"][blocks, ELEMENTWISE_THREADS](
-                d_x, d_out, self._vector(mean, ct), self._vector(multiplier, ct),
-                self._vector(offset, ct), bool(relu))
-        return d_out
-
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
-        # One upload of x for both kernels (the base composition would make two).
+        n, c, m = x.shape
+        if n * m == 0 or c == 0:
+            return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
         d_x, on_host = self._compute_input(x)
-        mean, variance = self._moments(d_x, weights)
         ct = d_x.dtype
-        multiplier = per_channel_multiplier(variance, scale, epsilon, ct)
-        d_out = self._normalize(d_x, mean.astype(ct), multiplier, offset, relu)
+        io = self._buffer("io", (4, c), np.float64, mapped=True)
+        io[0] = scale
+        io[1] = offset
+        coef = self._buffer("coefficients", (3, c), ct)
+        self._statistics(d_x, weights, io, coef, epsilon)
+        d_out = self._output(d_x, out)
+        self._elementwise("normalize", d_x, (d_x, d_out, coef), (bool(relu),))
+        self._wait()
+        mean, variance = _host_copy(io[2]), _host_copy(io[3])
         return self._finish_output(d_out, x, on_host, out), mean, variance
-
-    def _finish_output(self, d_out, x, on_host, out):
-        if not on_host and x.dtype != d_out.dtype:
-            # float16 device input: the result goes back in float16.
-            return self._cuda.to_device(d_out.copy_to_host().astype(x.dtype))
-        return self._result(d_out, on_host, x.dtype, out)
 
     def grad_reductions(self, x, dy, mean):
         n, c, m = x.shape
@@ -358,24 +811,27 @@ class NumbaCudaBackend(Backend):
             return np.zeros(c), np.zeros(c)
         d_x, _ = self._compute_input(x)
         d_dy, _ = self._compute_input(dy)
-        sum_dy, sum_dy_xc, _ = self._sums(d_x, d_dy, 1, self._vector(mean, np.float64), False)
-        return sum_dy, sum_dy_xc
+        io = self._buffer("io", (4, c), np.float64, mapped=True)
+        parts = self._on_device((mean,), np.float64, self._parts_buffer(d_x))
+        self._sums(d_x, d_dy, 1, parts, False, io,
+                   self._buffer("no coefficients", (1, 1), d_x.dtype), 0.0, SUMS)
+        self._wait()
+        return _host_copy(io[0]), _host_copy(io[1])
 
     def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
         d_x, _ = self._compute_input(x)
         d_dy, on_host = self._compute_input(dy)
         ct = d_dy.dtype
-        cuda = self._cuda
         if weights is not None:
-            d_w = cuda.to_device(position_weights(weights, d_dy))
+            d_w = self._cuda.to_device(position_weights(weights, d_dy))
         else:
-            d_w = cuda.to_device(np.zeros((1, 1, 1), ct))
-        d_out = cuda.device_array(d_dy.shape, ct)
-        blocks = _elementwise_blocks(d_dy.size)
+            d_w = self._buffer("no weights", (1, 1, 1), ct)
+        d_out = self._output(d_dy, out)
         if d_dy.size:
-            self._k["grad_input"][blocks, ELEMENTWISE_THREADS](
-                d_x, d_dy, d_out, *(self._vector(v, ct) for v in (mean, a, b, c)), d_w,
-                weights is not None)
+            coef = self._on_device((mean, a, b, c), ct)
+            self._elementwise("grad", d_dy, (d_x, d_dy, d_out, coef, d_w),
+                              (weights is not None,))
+            self._wait()
         return self._finish_output(d_out, dy, on_host, out)
 
 
