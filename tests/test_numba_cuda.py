@@ -145,3 +145,32 @@ def test_direct_launches_give_the_bits_of_numbas_launches(cuda, backend, shape, 
         backend.direct_launches = launches
     for got, want in zip(direct, through_numba):
         np.testing.assert_array_equal(got, want)
+
+
+def test_threads_calling_at_once_keep_to_their_own_scratch(cuda, backend):
+    """Each thread has its own scratch and mapped buffers: calls from several threads at
+    once give what each gives alone."""
+    import threading
+
+    if backend.simulated:
+        pytest.skip("Numba's simulator cannot run launches from several threads at once")
+
+    xs = [_data((40, 6), seed=seed) * (seed + 1) for seed in range(4)]
+    alone = [nn.fused_batch_norm(cuda.to_device(x), np.ones(6), np.zeros(6)) for x in xs]
+    got = [None] * len(xs)
+    start = threading.Barrier(len(xs))
+
+    def work(i):
+        start.wait()
+        for _ in range(3):
+            got[i] = nn.fused_batch_norm(cuda.to_device(xs[i]), np.ones(6), np.zeros(6))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (y, mean, var), (y_alone, mean_alone, var_alone) in zip(got, alone):
+        np.testing.assert_array_equal(_host(y), _host(y_alone))
+        np.testing.assert_array_equal(mean, mean_alone)
+        np.testing.assert_array_equal(var, var_alone)

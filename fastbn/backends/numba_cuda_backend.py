@@ -544,7 +544,12 @@ class DirectLaunches:
             if len(self._configs) >= LAUNCHES_KEPT:
                 self._configs.clear()
             config = self._configs[(grid, block)] = self._config(grid=grid, block=block)
-        self._launch(self._stream, config, function, *params)
+        try:
+            self._launch(self._stream, config, function, *params)
+        except Exception:
+            # Such as a thread where Numba has not made the context current yet: Numba's
+            # launch sees to that (and raises the error again if it is the launch's own).
+            numba_launch(*args)
 
     def _compile(self, name, args):
         """(the compiled function, how to pack each argument) of kernel `name` for
