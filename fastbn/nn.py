@@ -50,24 +50,13 @@ _CHANNELS_FIRST = ("NCHW", "NCDHW", "NCW")
 is_device_array = backends.is_device_array
 
 
-_NUMBA_ARRAYS = set()
-
-
 def _device_view(value, argument):
     """A device array as Numba sees it (zero-copy), for the CUDA backend."""
-    kind = type(value)
-    if kind in _NUMBA_ARRAYS or kind.__name__ == "FakeCUDAArray":
-        return value
     try:
-        from numba import cuda
+        return backends.as_numba_array(value)
     except ImportError:
         raise TypeError(f"{argument} is a device array: that needs the numba_cuda backend "
                         "(pip install 'fastbn[cuda]')") from None
-    view = cuda.as_cuda_array(value)
-    if not _NUMBA_ARRAYS:
-        # Numba's own arrays are taken as they are (a view of one costs ~20 us).
-        _NUMBA_ARRAYS.add(type(view))
-    return view
 
 
 def as_caller_kind(result, original):

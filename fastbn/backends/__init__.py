@@ -28,6 +28,7 @@ __all__ = [
     "BackendUnavailable",
     "ENV_VAR",
     "ENTRY_POINT_GROUP",
+    "as_numba_array",
     "available",
     "compute_dtype",
     "get",
@@ -239,6 +240,24 @@ def is_device_array(array):
         return False
     return (hasattr(array, "__cuda_array_interface__")
             or type(array).__name__ == "FakeCUDAArray")
+
+
+# The types of Numba's own device arrays, learned from the first view made of one.
+_NUMBA_ARRAYS = set()
+
+
+def as_numba_array(array):
+    """A device array as a Numba device array, without a copy: Numba's own (and the
+    simulator's) as they are, anything else with `__cuda_array_interface__` through a
+    view (which costs ~20 us).  Raises ImportError without numba-cuda."""
+    kind = type(array)
+    if kind in _NUMBA_ARRAYS or kind.__name__ == "FakeCUDAArray":
+        return array
+    from numba import cuda
+
+    view = cuda.as_cuda_array(array)
+    _NUMBA_ARRAYS.add(type(view))
+    return view
 
 
 def get_for(array, name=None):

@@ -35,6 +35,7 @@ import warnings
 
 import numpy as np
 
+from . import as_numba_array, is_device_array
 from .base import Backend, BackendUnavailable, compute_dtype, environ_get, position_weights
 
 SIMULATOR_VAR = "NUMBA_ENABLE_CUDASIM"
@@ -591,11 +592,6 @@ class NumbaCudaBackend(Backend):
                 self.direct_launches = DirectLaunches(KERNELS)
             except Exception:  # an older numba-cuda: its own launches
                 pass
-        self._device_types = ()
-        if not self.simulated:
-            from numba.cuda.cudadrv.devicearray import DeviceNDArray
-
-            self._device_types = (DeviceNDArray,)
         where = "Numba's CUDA simulator" if self.simulated else cuda.get_current_device().name
         if isinstance(where, bytes):
             where = where.decode()
@@ -649,40 +645,29 @@ class NumbaCudaBackend(Backend):
         self._cuda.synchronize()
 
     # -- arrays ----------------------------------------------------------------
-    @staticmethod
-    def is_device_array(a):
-        # (The simulator's device arrays have no __cuda_array_interface__.)
-        return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
-
-    def _device(self, a):
-        """A device array as Numba's (a Numba device array is taken as it is)."""
-        if type(a) in self._device_types or type(a).__name__ == "FakeCUDAArray":
-            return a
-        return self._cuda.as_cuda_array(a)
-
     def _compute_input(self, x):
         """(x on the device in its compute dtype, whether it came from the host).
 
         float16 is computed in float32 (device float16 goes through the host)."""
         ct = compute_dtype(x.dtype)
-        if self.is_device_array(x):
+        if is_device_array(x):
             if x.dtype != ct:
                 host = np.asarray(x.copy_to_host(), ct)
                 return self._cuda.to_device(host), False
-            return self._device(x), False
+            return as_numba_array(x), False
         return self._cuda.to_device(np.ascontiguousarray(x, ct)), True
 
     def _output(self, d_x, out):
         """Where a kernel writes a result of d_x's shape: `out` when it is a device
         array of that dtype, else a new device array."""
-        if out is not None and self.is_device_array(out) and out.dtype == d_x.dtype:
-            return self._device(out)
+        if out is not None and is_device_array(out) and out.dtype == d_x.dtype:
+            return as_numba_array(out)
         return self._cuda.device_array(d_x.shape, d_x.dtype)
 
     def _finish_output(self, d_out, x, on_host, out):
         """The result where the caller expects it: `out`, a host array, or on the device."""
         if out is not None:
-            if self.is_device_array(out):
+            if is_device_array(out):
                 if out.dtype != d_out.dtype:  # float16
                     out.copy_to_device(d_out.copy_to_host().astype(out.dtype))
                 return out
