@@ -165,17 +165,25 @@ def available_comparators():
     return found
 
 
+def _copy_rate(copy, nbytes, repeats, wait=None):
+    """Bytes per second `copy()` moves (read + write of `nbytes`): the median of `repeats`
+    timed copies after one untimed, each ended by `wait()` where given."""
+    times = []
+    for timed in range(repeats + 1):
+        start = time.perf_counter()
+        copy()
+        if wait is not None:
+            wait()
+        if timed:
+            times.append(time.perf_counter() - start)
+    return 2 * nbytes / float(np.median(times))
+
+
 def copy_bandwidth(megabytes=256, repeats=5):
     """Bytes per second np.copyto moves (read + write) on buffers larger than caches."""
     src = np.ones(megabytes << 18, np.float32)
     dst = np.empty_like(src)
-    np.copyto(dst, src)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / float(np.median(times))
+    return _copy_rate(lambda: np.copyto(dst, src), src.nbytes, repeats)
 
 
 def device_copy_bandwidth(megabytes=1024, repeats=5):
@@ -184,15 +192,7 @@ def device_copy_bandwidth(megabytes=1024, repeats=5):
 
     src = cuda.to_device(np.ones(megabytes << 18, np.float32))
     dst = cuda.device_array_like(src)
-    dst.copy_to_device(src)
-    cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_to_device(src)
-        cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / float(np.median(times))
+    return _copy_rate(lambda: dst.copy_to_device(src), src.nbytes, repeats, cuda.synchronize)
 
 
 def _device_sync(side):
@@ -218,23 +218,18 @@ def _time(fn, min_seconds, sync=None):
     fn()
     if sync is not None:
         sync()
-        calls, batch, start = 0, 1, time.perf_counter()
-        while True:
-            for _ in range(batch):
-                fn()
-            sync()
-            calls += batch
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                return elapsed / calls
-            batch *= 2
-    calls, start = 0, time.perf_counter()
+    calls, batch, start = 0, 1, time.perf_counter()
     while True:
-        fn()
-        calls += 1
+        for _ in range(batch):
+            fn()
+        calls += batch
+        if sync is not None:
+            sync()
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
             return elapsed / calls
+        if sync is not None:
+            batch *= 2
 
 
 def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, ops=OPS,
