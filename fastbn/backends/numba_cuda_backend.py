@@ -302,182 +302,131 @@ def stage(source, target):
 
 
 @_device
-def _normalized(v, mean, k, b, relu):
-    v = (v - mean) * k + b
-    if relu and v < 0:
-        v = 0
-    return v
+def _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu):
+    t = (v - mean) * k + b
+    if has_w:
+        t *= wv
+    if has_dy:
+        t = a * d + t
+    if relu and t < 0:
+        t = 0
+    return t
 
 
-@_jit
-def normalize_rows(x, y, coef, relu):
-    """y = (x - coef[0]) * coef[1] + coef[2] per channel, a thread per channel of a tile."""
-    c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
-    if c < x.shape[1]:
-        mean = coef[0, c]
-        k = coef[1, c]
-        b = coef[2, c]
-        n = x.shape[0]
-        step = cuda.gridDim.y * ROW_THREADS
-        r = cuda.blockIdx.y * ROW_THREADS + cuda.threadIdx.y
-        while r + (UNROLL - 1) * step < n:
-            v0 = x[r, c, 0]
-            v1 = x[r + step, c, 0]
-            v2 = x[r + 2 * step, c, 0]
-            v3 = x[r + 3 * step, c, 0]
-            y[r, c, 0] = _normalized(v0, mean, k, b, relu)
-            y[r + step, c, 0] = _normalized(v1, mean, k, b, relu)
-            y[r + 2 * step, c, 0] = _normalized(v2, mean, k, b, relu)
-            y[r + 3 * step, c, 0] = _normalized(v3, mean, k, b, relu)
-            r += UNROLL * step
-        while r < n:
-            y[r, c, 0] = _normalized(x[r, c, 0], mean, k, b, relu)
-            r += step
+@_device
+def _rows_of(a, r0, r1, r2, r3, c):
+    return a[r0, c, 0], a[r1, c, 0], a[r2, c, 0], a[r3, c, 0]
 
 
-@_jit
-def normalize_runs(x, y, coef, relu):
-    """`normalize_rows` for the runs layout: a block per (n, c) run at a time."""
-    channels = x.shape[1]
-    size = x.shape[2]
-    step = cuda.blockDim.x
-    for p in range(cuda.blockIdx.x, x.shape[0] * channels, cuda.gridDim.x):
-        n = p // channels
-        c = p - n * channels
-        mean = coef[0, c]
-        k = coef[1, c]
-        b = coef[2, c]
-        m = cuda.threadIdx.x
-        while m + (UNROLL - 1) * step < size:
-            v0 = x[n, c, m]
-            v1 = x[n, c, m + step]
-            v2 = x[n, c, m + 2 * step]
-            v3 = x[n, c, m + 3 * step]
-            y[n, c, m] = _normalized(v0, mean, k, b, relu)
-            y[n, c, m + step] = _normalized(v1, mean, k, b, relu)
-            y[n, c, m + 2 * step] = _normalized(v2, mean, k, b, relu)
-            y[n, c, m + 3 * step] = _normalized(v3, mean, k, b, relu)
-            m += UNROLL * step
-        while m < size:
-            y[n, c, m] = _normalized(x[n, c, m], mean, k, b, relu)
-            m += step
+@_device
+def _positions_of(a, n, c, m0, m1, m2, m3):
+    return a[n, c, m0], a[n, c, m1], a[n, c, m2], a[n, c, m3]
 
 
-@_jit
-def normalize_flat(x, y, coef, relu):
-    """`normalize_rows` for rows of few channels: a thread per element."""
-    channels = x.shape[1]
-    for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
-        n = i // channels
-        c = i - n * channels
-        y[n, c, 0] = _normalized(x[n, c, 0], coef[0, c], coef[1, c], coef[2, c], relu)
+def _affine_kernels(kind, has_dy):
+    """The elementwise kernels of one pass, one per layout (kind_rows, kind_runs,
+    kind_flat), all with the arguments (x, dy, y, coef, w, has_w, relu):
+      normalization (has_dy False)  y = (x - mean) * k + b, then max(y, 0) with `relu`
+      input gradient (has_dy True)  y = a * dy + w * ((x - mean) * k + b)
+    coef holds mean, k, b (and a) per channel; w is one weight per position, or 1
+    without `has_w`.  dy without has_dy, and w without has_w, are never read: any
+    array of the right dtype stands in.  `has_dy` is fixed when the kernels are
+    compiled, so each pass's kernels carry no code of the other's."""
+
+    def rows(x, dy, y, coef, w, has_w, relu):
+        # A thread per channel of a tile of CHANNELS_PER_BLOCK, stepping down the rows.
+        c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
+        if c < x.shape[1]:
+            mean = coef[0, c]
+            k = coef[1, c]
+            b = coef[2, c]
+            a = coef[3, c] if has_dy else k
+            n = x.shape[0]
+            step = cuda.gridDim.y * ROW_THREADS
+            r = cuda.blockIdx.y * ROW_THREADS + cuda.threadIdx.y
+            while r + (UNROLL - 1) * step < n:
+                r1 = r + step
+                r2 = r1 + step
+                r3 = r2 + step
+                v0, v1, v2, v3 = _rows_of(x, r, r1, r2, r3, c)
+                d0 = d1 = d2 = d3 = v0
+                if has_dy:
+                    d0, d1, d2, d3 = _rows_of(dy, r, r1, r2, r3, c)
+                w0 = w1 = w2 = w3 = k
+                if has_w:
+                    w0, w1, w2, w3 = _rows_of(w, r, r1, r2, r3, 0)
+                y[r, c, 0] = _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu)
+                y[r1, c, 0] = _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu)
+                y[r2, c, 0] = _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu)
+                y[r3, c, 0] = _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu)
+                r += UNROLL * step
+            while r < n:
+                v = x[r, c, 0]
+                d = dy[r, c, 0] if has_dy else v
+                wv = w[r, 0, 0] if has_w else k
+                y[r, c, 0] = _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu)
+                r += step
+
+    def runs(x, dy, y, coef, w, has_w, relu):
+        # A block per (n, c) run at a time, its threads along the run.
+        channels = x.shape[1]
+        size = x.shape[2]
+        step = cuda.blockDim.x
+        for p in range(cuda.blockIdx.x, x.shape[0] * channels, cuda.gridDim.x):
+            n = p // channels
+            c = p - n * channels
+            mean = coef[0, c]
+            k = coef[1, c]
+            b = coef[2, c]
+            a = coef[3, c] if has_dy else k
+            m = cuda.threadIdx.x
+            while m + (UNROLL - 1) * step < size:
+                m1 = m + step
+                m2 = m1 + step
+                m3 = m2 + step
+                v0, v1, v2, v3 = _positions_of(x, n, c, m, m1, m2, m3)
+                d0 = d1 = d2 = d3 = v0
+                if has_dy:
+                    d0, d1, d2, d3 = _positions_of(dy, n, c, m, m1, m2, m3)
+                w0 = w1 = w2 = w3 = k
+                if has_w:
+                    w0, w1, w2, w3 = _positions_of(w, n, 0, m, m1, m2, m3)
+                y[n, c, m] = _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu)
+                y[n, c, m1] = _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu)
+                y[n, c, m2] = _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu)
+                y[n, c, m3] = _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu)
+                m += UNROLL * step
+            while m < size:
+                v = x[n, c, m]
+                d = dy[n, c, m] if has_dy else v
+                wv = w[n, 0, m] if has_w else k
+                y[n, c, m] = _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu)
+                m += step
+
+    def flat(x, dy, y, coef, w, has_w, relu):
+        # Rows of few channels: a thread per element.
+        channels = x.shape[1]
+        for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
+            n = i // channels
+            c = i - n * channels
+            k = coef[1, c]
+            v = x[n, c, 0]
+            d = dy[n, c, 0] if has_dy else v
+            wv = w[n, 0, 0] if has_w else k
+            a = coef[3, c] if has_dy else k
+            y[n, c, 0] = _affine_value(v, d, wv, coef[0, c], k, coef[2, c], a, has_dy, has_w,
+                                       relu)
+
+    kernels = {}
+    for layout, fn in (("rows", rows), ("runs", runs), ("flat", flat)):
+        # Named for what they are in profiles and in Numba's messages.
+        fn.__name__ = fn.__qualname__ = f"{kind}_{layout}"
+        kernels[fn.__name__] = _jit(fn)
+    return kernels
 
 
-@_jit
-def grad_rows(x, dy, dx, coef, w, has_w):
-    """dx = coef[1] * dy + w * (coef[2] * (x - coef[0]) + coef[3]), w one per position
-    (or 1 without `has_w`)."""
-    c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
-    if c < x.shape[1]:
-        mean = coef[0, c]
-        a = coef[1, c]
-        bb = coef[2, c]
-        cc = coef[3, c]
-        n = x.shape[0]
-        step = cuda.gridDim.y * ROW_THREADS
-        r = cuda.blockIdx.y * ROW_THREADS + cuda.threadIdx.y
-        while r + (UNROLL - 1) * step < n:
-            x0 = x[r, c, 0]
-            x1 = x[r + step, c, 0]
-            x2 = x[r + 2 * step, c, 0]
-            x3 = x[r + 3 * step, c, 0]
-            d0 = dy[r, c, 0]
-            d1 = dy[r + step, c, 0]
-            d2 = dy[r + 2 * step, c, 0]
-            d3 = dy[r + 3 * step, c, 0]
-            t0 = bb * (x0 - mean) + cc
-            t1 = bb * (x1 - mean) + cc
-            t2 = bb * (x2 - mean) + cc
-            t3 = bb * (x3 - mean) + cc
-            if has_w:
-                t0 *= w[r, 0, 0]
-                t1 *= w[r + step, 0, 0]
-                t2 *= w[r + 2 * step, 0, 0]
-                t3 *= w[r + 3 * step, 0, 0]
-            dx[r, c, 0] = a * d0 + t0
-            dx[r + step, c, 0] = a * d1 + t1
-            dx[r + 2 * step, c, 0] = a * d2 + t2
-            dx[r + 3 * step, c, 0] = a * d3 + t3
-            r += UNROLL * step
-        while r < n:
-            term = bb * (x[r, c, 0] - mean) + cc
-            if has_w:
-                term *= w[r, 0, 0]
-            dx[r, c, 0] = a * dy[r, c, 0] + term
-            r += step
-
-
-@_jit
-def grad_runs(x, dy, dx, coef, w, has_w):
-    """`grad_rows` for the runs layout."""
-    channels = x.shape[1]
-    size = x.shape[2]
-    step = cuda.blockDim.x
-    for p in range(cuda.blockIdx.x, x.shape[0] * channels, cuda.gridDim.x):
-        n = p // channels
-        c = p - n * channels
-        mean = coef[0, c]
-        a = coef[1, c]
-        bb = coef[2, c]
-        cc = coef[3, c]
-        m = cuda.threadIdx.x
-        while m + (UNROLL - 1) * step < size:
-            x0 = x[n, c, m]
-            x1 = x[n, c, m + step]
-            x2 = x[n, c, m + 2 * step]
-            x3 = x[n, c, m + 3 * step]
-            d0 = dy[n, c, m]
-            d1 = dy[n, c, m + step]
-            d2 = dy[n, c, m + 2 * step]
-            d3 = dy[n, c, m + 3 * step]
-            t0 = bb * (x0 - mean) + cc
-            t1 = bb * (x1 - mean) + cc
-            t2 = bb * (x2 - mean) + cc
-            t3 = bb * (x3 - mean) + cc
-            if has_w:
-                t0 *= w[n, 0, m]
-                t1 *= w[n, 0, m + step]
-                t2 *= w[n, 0, m + 2 * step]
-                t3 *= w[n, 0, m + 3 * step]
-            dx[n, c, m] = a * d0 + t0
-            dx[n, c, m + step] = a * d1 + t1
-            dx[n, c, m + 2 * step] = a * d2 + t2
-            dx[n, c, m + 3 * step] = a * d3 + t3
-            m += UNROLL * step
-        while m < size:
-            term = bb * (x[n, c, m] - mean) + cc
-            if has_w:
-                term *= w[n, 0, m]
-            dx[n, c, m] = a * dy[n, c, m] + term
-            m += step
-
-
-@_jit
-def grad_flat(x, dy, dx, coef, w, has_w):
-    """`grad_rows` for rows of few channels."""
-    channels = x.shape[1]
-    for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
-        n = i // channels
-        c = i - n * channels
-        term = coef[2, c] * (x[n, c, 0] - coef[0, c]) + coef[3, c]
-        if has_w:
-            term *= w[n, 0, 0]
-        dx[n, c, 0] = coef[1, c] * dy[n, c, 0] + term
-
-
-KERNELS = {name: globals()[name] for name in (
-    "rows_sums", "runs_sums", "combine", "stage", "normalize_rows", "normalize_runs",
-    "normalize_flat", "grad_rows", "grad_runs", "grad_flat")}
+KERNELS = {"rows_sums": rows_sums, "runs_sums": runs_sums, "combine": combine, "stage": stage,
+           **_affine_kernels("normalize", False), **_affine_kernels("grad", True)}
 
 # Launch configurations kept (Numba builds one per launch otherwise); beyond this
 # many, the cache starts again.
@@ -726,8 +675,10 @@ class NumbaCudaBackend(Backend):
             result = COEFFICIENTS
         self._sums(d_x, d_w, w_c, self._parts_buffer(d_x), True, io, coef, epsilon, result)
 
-    def _elementwise(self, kind, d_x, arrays, scalars):
-        """An elementwise kernel of `kind` ("normalize" or "grad") over d_x's layout."""
+    def _affine(self, d_x, d_dy, d_out, coef, d_w=None, relu=False):
+        """The elementwise kernel for d_x's layout: d_out = the normalization of d_x with
+        coef's mean, k and b, or with d_dy the input gradient (coef's a too; weights d_w
+        where given).  An array absent is never read: d_x stands in for it."""
         n, c, m = d_x.shape
         if m > 1:
             threads = min(RUN_THREADS, 32 * math.ceil(m / 32))
@@ -740,7 +691,9 @@ class NumbaCudaBackend(Backend):
             threads = CHANNELS_PER_BLOCK * ROW_THREADS
             grid, block, layout = min(math.ceil(n * c / threads), ELEMENTWISE_BLOCKS), \
                 threads, "flat"
-        self._run(f"{kind}_{layout}", grid, block, *arrays, *scalars)
+        kind = "normalize" if d_dy is None else "grad"
+        self._run(f"{kind}_{layout}", grid, block, d_x, d_x if d_dy is None else d_dy, d_out,
+                  coef, d_x if d_w is None else d_w, d_w is not None, bool(relu))
 
     def _on_device(self, vectors, dtype, device=None):
         """The per-channel `vectors` as the first rows of a device array of `dtype`
@@ -774,7 +727,7 @@ class NumbaCudaBackend(Backend):
         d_out = self._output(d_x, out)
         if d_x.size:
             coef = self._on_device((mean, multiplier, offset), ct)
-            self._elementwise("normalize", d_x, (d_x, d_out, coef), (bool(relu),))
+            self._affine(d_x, None, d_out, coef, relu=relu)
             self._wait()
         return self._finish_output(d_out, x, on_host, out)
 
@@ -790,7 +743,7 @@ class NumbaCudaBackend(Backend):
         coef = self._buffer("coefficients", (3, c), ct)
         self._statistics(d_x, weights, io, coef, epsilon)
         d_out = self._output(d_x, out)
-        self._elementwise("normalize", d_x, (d_x, d_out, coef), (bool(relu),))
+        self._affine(d_x, None, d_out, coef, relu=relu)
         self._wait()
         mean, variance = _host_copy(io[2]), _host_copy(io[3])
         return self._finish_output(d_out, x, on_host, out), mean, variance
@@ -812,15 +765,13 @@ class NumbaCudaBackend(Backend):
         d_x, _ = self._compute_input(x)
         d_dy, on_host = self._compute_input(dy)
         ct = d_dy.dtype
+        d_w = None
         if weights is not None:
             d_w = self._cuda.to_device(position_weights(weights, d_dy))
-        else:
-            d_w = self._buffer("no weights", (1, 1, 1), ct)
         d_out = self._output(d_dy, out)
         if d_dy.size:
-            coef = self._on_device((mean, a, b, c), ct)
-            self._elementwise("grad", d_dy, (d_x, d_dy, d_out, coef, d_w),
-                              (weights is not None,))
+            coef = self._on_device((mean, b, c, a), ct)
+            self._affine(d_x, d_dy, d_out, coef, d_w)
             self._wait()
         return self._finish_output(d_out, dy, on_host, out)
 
