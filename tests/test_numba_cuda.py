@@ -60,6 +60,54 @@ def test_fused_batch_norm_on_device_arrays(cuda, data_format, dtype):
     np.testing.assert_array_equal(_host(d_x), x)  # the input is untouched
 
 
+@pytest.mark.parametrize("shape, data_format", [((64, 40), "NHWC"), ((4, 6, 33), "NCHW"),
+                                                ((50, 7), "NHWC")])
+def test_float16_device_arrays_are_computed_on_the_device(cuda, monkeypatch, shape,
+                                                          data_format):
+    x = _data(shape, dtype=np.float16)
+    dy = _data(shape, seed=4, dtype=np.float16)
+    c = shape[1] if data_format == "NCHW" else shape[-1]
+    scale = np.linspace(0.5, 2, c).astype(np.float32)
+    offset = np.linspace(-1, 1, c).astype(np.float32)
+    d_x, d_dy = cuda.to_device(x), cuda.to_device(dy)
+    device_array = type(d_x)
+    copies = []
+
+    def counted(method):
+        def call(*args, **kwargs):
+            copies.append(method.__name__)
+            return method(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(device_array, "copy_to_host", counted(device_array.copy_to_host))
+    monkeypatch.setattr(cuda, "to_device", counted(cuda.to_device))
+    y, mean, var = nn.fused_batch_norm(d_x, scale, offset, data_format=data_format)
+    z, _, _ = nn.fused_batch_norm(d_x, scale, offset, mean, var, data_format=data_format,
+                                  is_training=False, activation=nn.relu)
+    dx, dscale, doffset = nn.fused_batch_norm_grad(d_dy, d_x, scale, mean, var,
+                                                   data_format=data_format)
+    moments = nn.moments(d_x, [0, 2] if data_format == "NCHW" else [0])
+    assert copies == []  # no data went through the host
+    monkeypatch.undo()
+    for result in (y, z, dx):
+        assert fb.backends.is_device_array(result) and result.dtype == np.float16
+    with fb.backends.use("numpy"):  # float16 computed in float32 and rounded once
+        ref = nn.fused_batch_norm(x, scale, offset, data_format=data_format)
+        ref_z = nn.fused_batch_norm(x, scale, offset, ref[1], ref[2], data_format=data_format,
+                                    is_training=False, activation=nn.relu)[0]
+        ref_grad = nn.fused_batch_norm_grad(dy, x, scale, ref[1], ref[2],
+                                            data_format=data_format)
+        ref_moments = nn.moments(x, [0, 2] if data_format == "NCHW" else [0])
+    half = dict(rtol=2e-3, atol=2e-3)  # a float16 rounding or two
+    np.testing.assert_allclose(_host(y), ref[0], **half)
+    np.testing.assert_allclose(_host(z), ref_z, **half)
+    np.testing.assert_allclose(_host(dx), ref_grad[0], **half)
+    for got, want in [(mean, ref[1]), (var, ref[2]), (dscale, ref_grad[1]),
+                      (doffset, ref_grad[2]), *zip(moments, ref_moments)]:
+        np.testing.assert_allclose(np.asarray(got, np.float32).ravel(),
+                                   np.asarray(want, np.float32).ravel(), rtol=1e-4, atol=1e-5)
+
+
 def test_moments_and_gradients_on_device_arrays(cuda):
     x = _data((6, 4))
     dy = _data((6, 4), seed=1)

@@ -79,13 +79,13 @@ def usable_cores():
     return n
 
 
-def position_weights(weights, like):
+def position_weights(weights, like, dtype=None):
     """Per-position weights as kernels read them: (N, 1, M) for an (N, C, M) `like`,
-    contiguous, in like's dtype; None stays None."""
+    contiguous, in `dtype` (like's by default); None stays None."""
     if weights is None:
         return None
     return np.ascontiguousarray(np.broadcast_to(weights, (like.shape[0], 1, like.shape[2])),
-                                like.dtype)
+                                like.dtype if dtype is None else dtype)
 
 
 _COMPUTE_DTYPES = {np.dtype(np.float16): np.dtype(np.float32),

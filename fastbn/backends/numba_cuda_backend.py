@@ -21,8 +21,9 @@ Arrays: device arrays (anything with `__cuda_array_interface__`: Numba
 device arrays, CuPy arrays, PyTorch CUDA tensors) are used in place and the
 results stay on the device, as Numba device arrays (`fastbn.nn` hands them
 back as the caller's kind where that costs no copy).  NumPy arrays are
-copied to the device and the results copied back.  Per-channel vectors
-(statistics, parameters) live on the host: they are C numbers.
+copied to the device and the results copied back.  float16 data stays float16:
+the kernels compute in float32 (sums in float64) and round once.  Per-channel
+vectors (statistics, parameters) live on the host: they are C numbers.
 
 Available where a CUDA device is present, or under Numba's simulator
 (`NUMBA_ENABLE_CUDASIM=1`, for tests); `auto` never picks it without a device.
@@ -595,16 +596,12 @@ class NumbaCudaBackend(Backend):
 
     # -- arrays ----------------------------------------------------------------
     def _compute_input(self, x):
-        """(x on the device in its compute dtype, whether it came from the host).
+        """(x on the device in its own dtype, whether it came from the host).
 
-        float16 is computed in float32 (device float16 goes through the host)."""
-        ct = compute_dtype(x.dtype)
+        The kernels read and write float16 themselves and compute in float32."""
         if is_device_array(x):
-            if x.dtype != ct:
-                host = np.asarray(x.copy_to_host(), ct)
-                return self._cuda.to_device(host), False
             return as_numba_array(x), False
-        return self._cuda.to_device(np.ascontiguousarray(x, ct)), True
+        return self._cuda.to_device(np.ascontiguousarray(x)), True
 
     def _output(self, d_x, out):
         """Where a kernel writes a result of d_x's shape: `out` when it is a device
@@ -616,17 +613,11 @@ class NumbaCudaBackend(Backend):
     def _finish_output(self, d_out, x, on_host, out):
         """The result where the caller expects it: `out`, a host array, or on the device."""
         if out is not None:
-            if is_device_array(out):
-                if out.dtype != d_out.dtype:  # float16
-                    out.copy_to_device(d_out.copy_to_host().astype(out.dtype))
-                return out
-            np.copyto(out, d_out.copy_to_host(), casting="unsafe")
+            if not is_device_array(out):
+                np.copyto(out, d_out.copy_to_host(), casting="unsafe")
             return out
         if on_host:
             return d_out.copy_to_host().astype(x.dtype, copy=False)
-        if x.dtype != d_out.dtype:
-            # float16 device input: the result goes back in float16.
-            return self._cuda.to_device(d_out.copy_to_host().astype(x.dtype))
         return d_out
 
     # -- kernels -------------------------------------------------------------------
@@ -670,7 +661,8 @@ class NumbaCudaBackend(Backend):
             d_w = self._cuda.to_device(np.ascontiguousarray(np.broadcast_to(
                 w, (n, w.shape[1], m))))
         if coef is None:
-            coef, result = self._buffer("no coefficients", (1, 1), d_x.dtype), STATISTICS
+            coef = self._buffer("no coefficients", (1, 1), compute_dtype(d_x.dtype))
+            result = STATISTICS
         else:
             result = COEFFICIENTS
         self._sums(d_x, d_w, w_c, self._parts_buffer(d_x), True, io, coef, epsilon, result)
@@ -723,7 +715,7 @@ class NumbaCudaBackend(Backend):
 
     def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
         d_x, on_host = self._compute_input(x)
-        ct = d_x.dtype
+        ct = compute_dtype(d_x.dtype)
         d_out = self._output(d_x, out)
         if d_x.size:
             coef = self._on_device((mean, multiplier, offset), ct)
@@ -736,7 +728,7 @@ class NumbaCudaBackend(Backend):
         if n * m == 0 or c == 0:
             return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
         d_x, on_host = self._compute_input(x)
-        ct = d_x.dtype
+        ct = compute_dtype(d_x.dtype)
         io = self._buffer("io", (4, c), np.float64, mapped=True)
         io[0] = scale
         io[1] = offset
@@ -757,17 +749,18 @@ class NumbaCudaBackend(Backend):
         io = self._buffer("io", (4, c), np.float64, mapped=True)
         parts = self._on_device((mean,), np.float64, self._parts_buffer(d_x))
         self._sums(d_x, d_dy, 1, parts, False, io,
-                   self._buffer("no coefficients", (1, 1), d_x.dtype), 0.0, SUMS)
+                   self._buffer("no coefficients", (1, 1), compute_dtype(d_x.dtype)), 0.0,
+                   SUMS)
         self._wait()
         return _host_copy(io[0]), _host_copy(io[1])
 
     def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
         d_x, _ = self._compute_input(x)
         d_dy, on_host = self._compute_input(dy)
-        ct = d_dy.dtype
+        ct = compute_dtype(d_dy.dtype)
         d_w = None
         if weights is not None:
-            d_w = self._cuda.to_device(position_weights(weights, d_dy))
+            d_w = self._cuda.to_device(position_weights(weights, d_dy, ct))
         d_out = self._output(d_dy, out)
         if d_dy.size:
             coef = self._on_device((mean, b, c, a), ct)
