@@ -121,6 +121,32 @@ def test_moments_and_gradients_on_device_arrays(cuda):
     np.testing.assert_allclose(dscale, ref[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(40, 5, 1), (3, 4, 70), (60, 40, 1)])
+def test_fused_backward_gives_the_protocols_bits(cuda, backend, monkeypatch, shape, training,
+                                                 weighted):
+    x = _data(shape)
+    dy = _data(shape, seed=5)
+    c = shape[1]
+    mean, var = x.mean((0, 2)), x.var((0, 2)).astype(np.float32)
+    scale = np.linspace(0.5, 2, c).astype(np.float32)
+    weights = None
+    if weighted:
+        weights = np.linspace(0, 1, shape[0] * shape[2]).reshape(shape[0], 1, shape[2])
+    waits = []
+    monkeypatch.setattr(backend, "_wait", lambda: waits.append(1) or cuda.synchronize())
+    dx, sum_dy, sum_dy_xhat = backend.backward(cuda.to_device(x), cuda.to_device(dy), mean,
+                                               var, scale, 1e-3, training, weights)
+    assert len(waits) == 1  # the coefficients are computed on the device
+    # Backend.backward: the sums, the coefficients on the host, then the input gradient.
+    ref = fb.backends.base.Backend.backward(backend, x, dy, mean, var, scale, 1e-3, training,
+                                            weights)
+    np.testing.assert_array_equal(_host(dx), ref[0])
+    np.testing.assert_array_equal(sum_dy, ref[1])
+    np.testing.assert_array_equal(sum_dy_xhat, ref[2])
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(fused=False), dict(updates_collections=None),
                                     dict(is_training=False), dict(batch_weights=np.ones(4))])
 def test_layer_on_device_arrays(cuda, kwargs):
