@@ -190,6 +190,55 @@ def test_device_arrays_reach_the_cuda_backend_from_any_selection(cuda):
         nn.fused_batch_norm(d_x, np.ones(2), np.zeros(2), out=np.empty((4, 2), np.float32))
 
 
+class _PackedArray:
+    """What DirectLaunches reads of a Numba device array."""
+
+    def __init__(self, pointer, shape):
+        self.size = int(np.prod(shape))
+        self.dtype = np.dtype(np.float32)
+        self.device_ctypes_pointer = type("Pointer", (), {"value": pointer})()
+        self.shape = shape
+        self.strides = tuple(4 * int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+
+
+def test_direct_launches_pack_arguments_as_numba_does():
+    # Runs anywhere: the launch itself is replaced by a recording (on a GPU, the test
+    # below checks the bits of real launches).
+    import ctypes
+
+    from fastbn.backends.numba_cuda_backend import ARRAY, AS_IS, DirectLaunches
+
+    direct = object.__new__(DirectLaunches)  # without cuda.core
+    launched = []
+    direct._compiled, direct._configs, direct._stream = {}, {}, "default stream"
+    direct._config = lambda grid, block: ("config", grid, block)
+    direct._launch = lambda stream, config, function, *params: launched.append(
+        (stream, config, function, params))
+    direct._compile = lambda name, args: ("compiled " + name,
+                                          [ARRAY, ARRAY, ARRAY, ctypes.c_double, AS_IS])
+    through_numba = []
+    x, y = _PackedArray(1000, (2, 3, 4)), _PackedArray(2000, (2, 3, 4))
+    args = (x, x, y, 0.5, True)  # x twice: a stand-in for an absent array
+    for _ in range(2):
+        direct("kernel", (4, 1), 32, args, lambda *a: through_numba.append(a))
+    assert through_numba == [args]  # the first launch compiles, through Numba
+    (stream, config, function, params), = launched
+    assert (stream, config, function) == ("default stream", ("config", (4, 1), 32),
+                                          "compiled kernel")
+    # meminfo, parent, size, itemsize, data pointer, shape, strides (bytes)
+    x_fields, y_fields = [(0, 0, 24, 4, p, 2, 3, 4, 48, 16, 4) for p in (1000, 2000)]
+    assert tuple(params[:33]) == x_fields * 2 + y_fields
+    assert isinstance(params[33], ctypes.c_double) and params[33].value == 0.5
+    assert params[34] is True
+
+    def refused(*launch):
+        raise RuntimeError("no current context in this thread")
+
+    direct._launch = refused  # a launch that fails goes through Numba
+    direct("kernel", (4, 1), 32, args, lambda *a: through_numba.append(a))
+    assert through_numba == [args, args]
+
+
 @pytest.mark.parametrize("shape, data_format", [((300, 40), "NHWC"), ((6, 5, 77), "NCHW"),
                                                 ((50, 7), "NHWC")])
 def test_direct_launches_give_the_bits_of_numbas_launches(cuda, backend, shape, data_format):

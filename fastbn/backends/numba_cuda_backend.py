@@ -502,10 +502,16 @@ class DirectLaunches:
             return
         function, packings = compiled
         params = []
+        # An array passed twice (a stand-in for an absent one) is packed once.
+        packed = {}
         for packing, a in zip(packings, args):
             if packing is ARRAY:
-                params += (0, 0, a.size, a.dtype.itemsize, a.device_ctypes_pointer.value,
-                           *a.shape, *a.strides)
+                fields = packed.get(id(a))
+                if fields is None:
+                    fields = packed[id(a)] = (0, 0, a.size, a.dtype.itemsize,
+                                              a.device_ctypes_pointer.value, *a.shape,
+                                              *a.strides)
+                params += fields
             elif packing is AS_IS:
                 params.append(a)
             else:
