@@ -1,5 +1,7 @@
 """fastbn.nn on every backend: against float64 NumPy references, and its argument checks."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -256,6 +258,27 @@ def test_fused_batch_norm_parameter_checks(bad, error):
         nn.fused_batch_norm(x, np.ones(3), np.zeros(3), is_training="no")
     with pytest.raises(ValueError, match="no elements"):
         nn.fused_batch_norm(np.zeros((0, 3), np.float32), np.ones(3), np.zeros(3))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_data_gives_nan_quietly(backend, value):
+    # As TF: NaN (or the infinity itself) where the data is not finite, finite numbers in
+    # the other channels, and no warning (pytest turns warnings into errors here).
+    x = _data((6, 3), np.float32)
+    x[2, 1] = value
+    others = [0, 2]
+    with warnings.catch_warnings():
+        if getattr(backend, "simulated", False):
+            # The simulator computes in NumPy scalars, which warn; a GPU does not.
+            warnings.simplefilter("ignore", RuntimeWarning)
+        y, mean, var = nn.fused_batch_norm(x, np.ones(3), np.zeros(3))
+        z = nn.fused_batch_norm(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3),
+                                is_training=False)[0]
+        dx = nn.fused_batch_norm_grad(np.ones_like(x), x, np.ones(3), mean, var)[0]
+    assert np.isnan(y[:, 1]).all() and np.isnan(var[1]) and not np.isfinite(mean[1])
+    assert np.isfinite(y[:, others]).all() and np.isfinite([mean[others], var[others]]).all()
+    np.testing.assert_array_equal(np.isfinite(z), np.isfinite(x))
+    assert np.isnan(dx[:, 1]).all() and np.isfinite(dx[:, others]).all()
 
 
 def test_nothing_the_caller_owns_is_modified(backend):

@@ -177,17 +177,19 @@ class Backend:
         Returns `(dx, sum_dy, sum_dy_xhat)`: dx in dy's dtype, the sums float64.
         """
         mean, variance, scale = (np.asarray(v, np.float64) for v in (mean, variance, scale))
-        inv = 1.0 / np.sqrt(variance + epsilon)
         sum_dy, sum_dy_xc = self.grad_reductions(x, dy, mean)
-        sum_dy_xhat = sum_dy_xc * inv
-        k = scale * inv
-        b = c = np.zeros_like(k)
-        if training:
-            total = (x.shape[0] * x.shape[2] if weights is None
-                     else float(np.sum(weights, dtype=np.float64)))
-            if total:
-                b = -k * inv * sum_dy_xhat / total
-                c = -k * sum_dy / total
+        # Non-finite statistics or sums give NaN quietly, as the kernels do.
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            inv = 1.0 / np.sqrt(variance + epsilon)
+            sum_dy_xhat = sum_dy_xc * inv
+            k = scale * inv
+            b = c = np.zeros_like(k)
+            if training:
+                total = (x.shape[0] * x.shape[2] if weights is None
+                         else float(np.sum(weights, dtype=np.float64)))
+                if total:
+                    b = -k * inv * sum_dy_xhat / total
+                    c = -k * sum_dy / total
         ct = compute_dtype(dy.dtype)
         dx = self.grad_input(x, dy, mean.astype(ct), k.astype(ct), b.astype(ct), c.astype(ct),
                              weights=weights, out=out)

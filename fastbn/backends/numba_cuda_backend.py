@@ -302,7 +302,10 @@ def combine(parts, io, coef, epsilon, total, result):
             if t0 != 0:
                 rel = t1 / t0
                 mean = parts[0, c] + rel
-                variance = max(t2 / t0 - rel * rel, 0.0)
+                variance = t2 / t0 - rel * rel
+                # (Not max(): NaN stays NaN here on every device.)
+                if variance < 0.0:
+                    variance = 0.0
             io[2, c] = mean
             io[3, c] = variance
             if result == COEFFICIENTS:

@@ -33,13 +33,15 @@ class NumpyBackend(Backend):
         m = np.asarray(mean, ct)[None, :, None]
         k = np.asarray(multiplier, ct)[None, :, None]
         b = np.asarray(offset, ct)[None, :, None]
-        if out is not None and x.dtype == ct:
-            np.subtract(x, m, out=out)
-            out *= k
-            out += b
-            y = out
-        else:
-            y = (x.astype(ct, copy=False) - m) * k + b
+        # Non-finite data gives NaN and infinities quietly, as TF and the kernels do.
+        with np.errstate(invalid="ignore", over="ignore"):
+            if out is not None and x.dtype == ct:
+                np.subtract(x, m, out=out)
+                out *= k
+                out += b
+                y = out
+            else:
+                y = (x.astype(ct, copy=False) - m) * k + b
         if relu:
             np.maximum(y, 0, out=y)
         if y.dtype != x.dtype:
@@ -49,11 +51,11 @@ class NumpyBackend(Backend):
             y = out
         return y
 
-
     def grad_reductions(self, x, dy, mean):
         dy64 = dy.astype(np.float64)
-        centered = x - np.asarray(mean, np.float64)[None, :, None]
-        return dy64.sum(axis=_REDUCE), np.einsum("ncm,ncm->c", dy64, centered)
+        with np.errstate(invalid="ignore", over="ignore"):
+            centered = x - np.asarray(mean, np.float64)[None, :, None]
+            return dy64.sum(axis=_REDUCE), np.einsum("ncm,ncm->c", dy64, centered)
 
     def grad_input(self, x, dy, mean, a, b, c, weights=None, out=None):
         ct = compute_dtype(dy.dtype)
@@ -61,10 +63,11 @@ class NumpyBackend(Backend):
         def col(v):
             return np.asarray(v, ct)[None, :, None]
 
-        term = col(b) * (x.astype(ct, copy=False) - col(mean)) + col(c)
-        if weights is not None:
-            term *= np.asarray(weights, ct)
-        dx = col(a) * dy.astype(ct, copy=False) + term
+        with np.errstate(invalid="ignore", over="ignore"):
+            term = col(b) * (x.astype(ct, copy=False) - col(mean)) + col(c)
+            if weights is not None:
+                term *= np.asarray(weights, ct)
+            dx = col(a) * dy.astype(ct, copy=False) + term
         if out is not None:
             np.copyto(out, dx, casting="unsafe")
             return out
