@@ -195,11 +195,52 @@ def check_out(out, x, argument="out"):
     return out
 
 
-def _out_view(out, shape3):
-    """`out` reshaped to the channel shape `shape3` if it can be written through such a
-    view, else None."""
+def _device_layout(a):
+    """(data pointer, strides, lowest byte, highest byte + 1) of a device array; the
+    bytes None where it has no elements."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is None:  # Numba's simulator: a NumPy array inside, described the same way
+        iface = a._ary.__array_interface__
+    shape = tuple(iface["shape"])
+    itemsize = np.dtype(iface["typestr"]).itemsize
+    strides = iface.get("strides")
+    if strides is None:
+        strides = tuple(itemsize * math.prod(shape[i + 1:]) for i in range(len(shape)))
+    pointer = iface["data"][0]
+    if 0 in shape:
+        return pointer, tuple(strides), None, None
+    low = pointer + sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
+    high = pointer + sum((n - 1) * s for n, s in zip(shape, strides) if s > 0) + itemsize
+    return pointer, tuple(strides), low, high
+
+
+def _writes_over(out, a):
+    """Whether writing `out` (of a's shape) could change elements of `a` other than the
+    one at the same index: they share memory and are not the same elements.  The kernels
+    read each element before writing the one at its index, so `out` may be `a` itself."""
+    if out is a:
+        return False
+    if is_device_array(out):
+        out_pointer, out_strides, out_low, out_high = _device_layout(out)
+        pointer, strides, low, high = _device_layout(a)
+        if out_low is None or low is None or out_high <= low or high <= out_low:
+            return False
+        return (out_pointer, out_strides) != (pointer, strides)
+    if not np.may_share_memory(out, a):
+        return False
+    return (out.__array_interface__["data"][0], out.strides) != (
+        a.__array_interface__["data"][0], a.strides)
+
+
+def _out_view(out, shape3, *inputs):
+    """`out` reshaped to the channel shape `shape3` if the kernels can write through such
+    a view, else None: where it is not contiguous, or where writing it would change one
+    of the full-size `inputs` under the kernels (overlapping them, but not exactly)."""
     if out is None:
         return None
+    for a in inputs:
+        if _writes_over(out, a):
+            return None
     if is_device_array(out):
         return _device_view(out, "out").reshape(shape3)
     if not out.flags.c_contiguous:
@@ -212,8 +253,11 @@ def _finish(y3, x, out, out3):
     where the backend was given none and `out` still has to be filled)."""
     if out is None:
         return y3.reshape(x.shape)
-    if y3 is not out3 and not is_device_array(out):
-        np.copyto(out, y3.reshape(x.shape))
+    if y3 is not out3:
+        if is_device_array(out):
+            _device_view(out, "out")[...] = y3.reshape(x.shape)
+        else:
+            np.copyto(out, y3.reshape(x.shape))
     return out
 
 
@@ -403,8 +447,10 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     (typically per-channel vectors, shaped `(1, C, 1, 1)` for NCHW);
     `offset` and `scale` may be None.  Computed as `(x - mean) * k + b`,
     which stays accurate when |mean| >> std (TF's `x * k + (offset - mean*k)`
-    does not).  `out` takes an array of x's shape and dtype to write into;
-    `activation=fastbn.nn.relu` applies a ReLU in the same pass.
+    does not).  `out` takes an array of x's shape and dtype to write into (x
+    itself works: in place; one that overlaps x otherwise is filled from a
+    separate result); `activation=fastbn.nn.relu` applies a ReLU in the same
+    pass.
     """
     original = x
     x = as_float_array(x, "x")
@@ -428,16 +474,13 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
         y = _generic_batch_normalization(x, params, epsilon, out)
         return np.maximum(y, 0, out=y) if relu_fused else y
     if axis == -1:
-        x3 = x.reshape(-1, 1, 1)
-        out3 = None
-        if out is not None and (is_device_array(out) or out.flags.c_contiguous):
-            out3 = out.reshape(-1, 1, 1)
+        shape3 = (x.size, 1, 1)
         channels = 1
     else:
         shape3 = channel_shape(x.shape, axis)
-        x3 = x.reshape(shape3)
-        out3 = _out_view(out, shape3)
         channels = x.shape[axis]
+    x3 = x.reshape(shape3)
+    out3 = _out_view(out, shape3, x)
     ct = compute_dtype(x.dtype)
     vec = {
         name: (None if p is None else
@@ -517,7 +560,11 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
       is_training: True to normalize with the batch statistics.
       exponential_avg_factor: in training, the returned statistics are
         `(1 - f) * given + f * batch` (f = 1: the batch statistics).
-      out: an array of x's shape and dtype to write the output into.
+      out: an array of x's shape and dtype to write the output into.  It
+        may be x itself: in place, which on data that fits in the cache
+        saves much of an inference's time (no separate output to bring into
+        the cache); one overlapping x otherwise is filled from a separate
+        result.
       activation: None, or `fastbn.nn.relu` to apply it in the same pass.
 
     Returns:
@@ -566,7 +613,7 @@ def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is
     """
     shape3 = channel_shape(x.shape, axis)
     x3 = x.reshape(shape3)
-    out3 = _out_view(out, shape3)
+    out3 = _out_view(out, shape3, x)
     backend = backends.get_for(x)
     if not is_training:
         y3 = backend.infer_forward(x3, mean, variance, scale, offset, epsilon, out=out3,
@@ -600,7 +647,7 @@ def batch_norm_backward(x, dy, axis, mean, variance, epsilon, scale, training, w
     sums the parameter gradients are made of.
     """
     shape3 = channel_shape(x.shape, axis)
-    out3 = _out_view(out, shape3)
+    out3 = _out_view(out, shape3, x, dy)
     channels = shape3[1]
     ct = compute_dtype(x.dtype)
     dx3, sum_dy, sum_dy_xhat = backends.get_for(x).backward(
@@ -633,7 +680,8 @@ def fused_batch_norm_grad(dy, x, scale, mean, variance, epsilon=0.001, data_form
       epsilon: as given to the forward (raised to at least 1.001e-5 likewise).
       data_format: 'NHWC' or 'NCHW', any rank >= 2.
       is_training: whether the forward used batch statistics.
-      out: an array of x's shape and dtype to write dx into.
+      out: an array of x's shape and dtype to write dx into (dy or x
+        itself works: in place).
 
     Returns:
       `(dx, dscale, doffset)`: dx in x's dtype; dscale = sum(dy * x_hat) and

@@ -180,6 +180,46 @@ def test_non_contiguous_out_of_the_fused_ops(backend, dtype, data_format):
     np.testing.assert_array_equal(dout, dref)
 
 
+@pytest.mark.parametrize("shift", [1, -1, 0], ids=["after", "before", "same"])
+def test_out_overlapping_the_inputs(backend, shift):
+    """An out= that overlaps x (or dy) gives what a separate buffer gives: written through
+    where it is x itself (in place), computed aside and copied where it is shifted."""
+    # Several work items and threads in the CPU kernels (the simulator is slow).
+    rows, c = (300 if getattr(backend, "simulated", False) else 20000), 8
+    buf = _data((rows + 1, c))
+    x = buf[:-1] if shift >= 0 else buf[1:]
+    out = x if shift == 0 else (buf[1:] if shift > 0 else buf[:-1])
+    x_values = x.copy()
+    dy = _data((rows, c), loc=0.0, seed=2)
+    ref, mean, var = nn.fused_batch_norm(x_values, np.ones(c), np.zeros(c))
+    y, _, _ = nn.fused_batch_norm(x, np.ones(c), np.zeros(c), out=out)
+    assert y is out
+    np.testing.assert_array_equal(y, ref)
+    stats = (np.full(c, 0.5, np.float32), np.full(c, 2.0, np.float32))
+    for op in ("inference", "batch_normalization"):
+        buf[...] = np.concatenate([x_values, x_values[:1]]) if shift >= 0 else \
+            np.concatenate([x_values[:1], x_values])
+        if op == "inference":
+            ref = nn.fused_batch_norm(x_values, np.ones(c), np.zeros(c), *stats,
+                                      is_training=False)[0]
+            y = nn.fused_batch_norm(x, np.ones(c), np.zeros(c), *stats, is_training=False,
+                                    out=out)[0]
+        else:
+            ref = nn.batch_normalization(x_values, *stats, None, None, 1e-3)
+            y = nn.batch_normalization(x, *stats, None, None, 1e-3, out=out)
+        np.testing.assert_array_equal(y, ref)
+    buf[...] = np.concatenate([x_values, x_values[:1]]) if shift >= 0 else \
+        np.concatenate([x_values[:1], x_values])
+    biased = var.astype(np.float64) * (rows - 1) / rows
+    ref = nn.fused_batch_norm_grad(dy, x_values, np.ones(c), mean, biased)
+    got = nn.fused_batch_norm_grad(dy, x, np.ones(c), mean, biased, out=out)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+    dy_copy = dy.copy()
+    got = nn.fused_batch_norm_grad(dy_copy, x_values, np.ones(c), mean, biased, out=dy_copy)
+    np.testing.assert_array_equal(got[0], ref[0])  # in place over dy
+
+
 def test_out_buffer_checks():
     x = _data((4, 3))
     with pytest.raises(ValueError, match="out must have the input's shape"):

@@ -108,6 +108,18 @@ def test_float16_device_arrays_are_computed_on_the_device(cuda, monkeypatch, sha
                                    np.asarray(want, np.float32).ravel(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [1, -1])
+def test_device_out_overlapping_the_input(cuda, shift):
+    buf = _data((41, 6))
+    d_buf = cuda.to_device(buf)
+    x, out = (d_buf[:-1], d_buf[1:]) if shift > 0 else (d_buf[1:], d_buf[:-1])
+    x_values = _host(x)
+    ref = nn.fused_batch_norm(x_values, np.ones(6), np.zeros(6))[0]
+    y = nn.fused_batch_norm(x, np.ones(6), np.zeros(6), out=out)[0]
+    assert y is out
+    np.testing.assert_allclose(_host(out), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_moments_and_gradients_on_device_arrays(cuda):
     x = _data((6, 4))
     dy = _data((6, 4), seed=1)
