@@ -9,8 +9,11 @@ in the same run gives each case's memory roofline: the bytes its passes must
 move (3 for a training forward, 2 for inference) divided by that bandwidth.
 
 Ops: `train` (fused_batch_norm training forward), `infer` (inference),
-`backward` (fused_batch_norm_grad in training: input, scale and offset
-gradients, against torch autograd of F.batch_norm on a retained graph),
+`inplace` (inference written over its input, `out=x`: what a pipeline that no
+longer needs x can ask for; torch's F.batch_norm has no such form, so it is
+timed against torch's ordinary inference), `backward` (fused_batch_norm_grad
+in training: input, scale and offset gradients, against torch autograd of
+F.batch_norm on a retained graph),
 `layer` (the whole fastbn.batch_norm layer with in-place updates, against
 torch's F.batch_norm in training mode: what a call costs end to end).
 Outputs go to preallocated buffers (`out=`) where the side allows it.
@@ -42,8 +45,8 @@ CASES = [
     ("NHWC 4x4x4x8 (tiny)", (4, 4, 4, 8), "NHWC"),
 ]
 QUICK_CASES = [CASES[2], CASES[3], CASES[-1]]
-OPS = ("train", "infer", "backward", "layer")
-PASSES = {"train": 3, "infer": 2, "backward": 5, "layer": 3}
+OPS = ("train", "infer", "inplace", "backward", "layer")
+PASSES = {"train": 3, "infer": 2, "inplace": 2, "backward": 5, "layer": 3}
 COMPARATORS = ("torch", "tf")
 DEVICES = ("cpu", "cuda")
 SETTLE_SECONDS = 0.02
@@ -70,10 +73,12 @@ def _fastbn_side(backend, x, fmt, device="cpu"):
     batch_mean, batch_var = x.mean(axis=axes, dtype=ct), x.var(axis=axes, dtype=ct)
     dy = _gradient(x)
     out = np.empty_like(x)
+    # Overwritten call after call by the in-place inference, away from the other ops' x.
+    x_inplace = x.copy()
     if device == "cuda":
         from numba import cuda
 
-        x, dy, out = cuda.to_device(x), cuda.to_device(dy), cuda.to_device(out)
+        x, dy, out, x_inplace = (cuda.to_device(a) for a in (x, dy, out, x_inplace))
 
     # (run() times these inside fastbn.backends.use(backend), as a user would pick one.)
     def train():
@@ -83,6 +88,10 @@ def _fastbn_side(backend, x, fmt, device="cpu"):
         nn.fused_batch_norm(x, scale, offset, mean, var, data_format=fmt, is_training=False,
                             out=out)
 
+    def inplace():
+        nn.fused_batch_norm(x_inplace, scale, offset, mean, var, data_format=fmt,
+                            is_training=False, out=x_inplace)
+
     def backward():
         nn.fused_batch_norm_grad(dy, x, scale, batch_mean, batch_var, data_format=fmt, out=out)
 
@@ -91,7 +100,8 @@ def _fastbn_side(backend, x, fmt, device="cpu"):
             fastbn.batch_norm(x, data_format=fmt, scope="bn", reuse=fastbn.AUTO_REUSE,
                               updates_collections=None)
 
-    return {"train": train, "infer": infer, "backward": backward, "layer": layer}
+    return {"train": train, "infer": infer, "inplace": inplace, "backward": backward,
+            "layer": layer}
 
 
 def _torch_side(x, fmt, threads, device="cpu"):
@@ -130,7 +140,8 @@ def _torch_side(x, fmt, threads, device="cpu"):
     def backward():
         torch.autograd.grad(y, [tg, wg, bg], dy, retain_graph=True)
 
-    return {"train": train, "infer": infer, "backward": backward, "layer": train}
+    return {"train": train, "infer": infer, "inplace": infer, "backward": backward,
+            "layer": train}
 
 
 def _tf_side(x, fmt):
