@@ -480,11 +480,8 @@ def test_fused_inference_matches_the_protocol_composition(dtype, with_scale):
     np.testing.assert_array_equal(_bits(fused.astype(ct)), _bits(composed.astype(ct)))
 
 
-def test_large_outputs_are_streamed_through_the_backend(monkeypatch):
-    """Outputs of at least stream_bytes reach the kernels with stream=True; the values
-    are the same either way."""
-    backend = fastbn.backends.get("cython")
-    x = _data((40, 6, 33), np.float32)
+def _record_stream_flags(monkeypatch, backend):
+    """A list that receives (kernel name, its `stream` argument) for each kernel call."""
     seen = []
     run = backend._run
 
@@ -493,6 +490,15 @@ def test_large_outputs_are_streamed_through_the_backend(monkeypatch):
         return run(kernel, size, *args)
 
     monkeypatch.setattr(backend, "_run", spy)
+    return seen
+
+
+def test_large_outputs_are_streamed_through_the_backend(monkeypatch):
+    """Outputs of at least stream_bytes reach the kernels with stream=True; the values
+    are the same either way."""
+    backend = fastbn.backends.get("cython")
+    x = _data((40, 6, 33), np.float32)
+    seen = _record_stream_flags(monkeypatch, backend)
     results = {}
     with fastbn.backends.use("cython"):
         for threshold in (x.nbytes + 1, x.nbytes):
@@ -502,6 +508,33 @@ def test_large_outputs_are_streamed_through_the_backend(monkeypatch):
     assert seen == [("train_forward", False), ("train_forward", True)]
     for p, q in zip(results[x.nbytes + 1], results[x.nbytes]):
         np.testing.assert_allclose(q, p, rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_written_in_place_are_not_streamed(monkeypatch):
+    """An output written over its input (out=x, out=dy) is stored plainly, however large:
+    its lines are in the cache already."""
+    backend = fastbn.backends.get("cython")
+    x = _data((40, 6, 33), np.float32)
+    dy = _data(x.shape, np.float32, seed=1, loc=0.0)
+    seen = _record_stream_flags(monkeypatch, backend)
+    monkeypatch.setattr(backend, "stream_bytes", 1)
+    ones, zeros = np.ones(6, np.float32), np.zeros(6, np.float32)
+    with fastbn.backends.use("cython"):
+        ref, mean, var = nn.fused_batch_norm(x, ones, zeros, data_format="NCHW")
+        inplace = x.copy()
+        y, _, _ = nn.fused_batch_norm(inplace, ones, zeros, data_format="NCHW", out=inplace)
+        biased = var * (x.size // 6 - 1) / (x.size // 6)
+        dref = nn.fused_batch_norm_grad(dy, x, ones, mean, biased, data_format="NCHW")[0]
+        dx = nn.fused_batch_norm_grad(dy.copy(), x, ones, mean, biased, data_format="NCHW",
+                                      out=None)[0]
+        dy_inplace = dy.copy()
+        nn.fused_batch_norm_grad(dy_inplace, x, ones, mean, biased, data_format="NCHW",
+                                 out=dy_inplace)
+    assert seen == [("train_forward", True), ("train_forward", False), ("backward", True),
+                    ("backward", True), ("backward", False)]
+    np.testing.assert_array_equal(y, ref)
+    np.testing.assert_array_equal(dx, dref)
+    np.testing.assert_array_equal(dy_inplace, dref)
 
 
 def test_contention_guard_backs_off_to_one_thread_and_recovers():

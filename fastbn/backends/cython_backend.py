@@ -271,8 +271,12 @@ class CythonBackend(Backend):
             return v
         return np.ascontiguousarray(v, ct)
 
-    def _stream(self, y):
-        return y.nbytes >= self.stream_bytes
+    def _stream(self, y, *inputs):
+        """Whether to write y with non-temporal stores: it is too large to stay cached,
+        and not written over one of the `inputs` (in place, its lines are in the cache,
+        read just before: plain stores are faster there, measured)."""
+        return y.nbytes >= self.stream_bytes and not any(
+            np.may_share_memory(y, a) for a in inputs)
 
     def _finish(self, x, y, out):
         """The kernels' output y (C-contiguous) as the result: in `out` where given, else
@@ -309,7 +313,7 @@ class CythonBackend(Backend):
         xk, ct, y = self._operands(x, out)
         self._run(self._k.normalize, xk.size, xk, y, np.ascontiguousarray(mean, ct),
                   np.ascontiguousarray(multiplier, ct), np.ascontiguousarray(offset, ct),
-                  bool(relu), self._stream(y))
+                  bool(relu), self._stream(y, xk))
         return self._finish(x, y, out)
 
     def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
@@ -318,7 +322,7 @@ class CythonBackend(Backend):
             self._k.infer_forward, xk.size, xk, y, np.ascontiguousarray(mean, ct),
             np.ascontiguousarray(variance, ct),
             None if scale is None else np.ascontiguousarray(scale, ct),
-            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y))
+            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk))
         return self._finish(x, y, out)
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
@@ -327,7 +331,7 @@ class CythonBackend(Backend):
         xk, ct, y = self._operands(x, out)
         mean, var = self._run(
             self._k.train_forward, xk.size, xk, y, np.ascontiguousarray(scale, ct),
-            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y))
+            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk))
         return self._finish(x, y, out), mean, var
 
     def grad_reductions(self, x, dy, mean):
@@ -343,7 +347,8 @@ class CythonBackend(Backend):
         y = self._output(dy, dk, out)
         w = position_weights(weights, dk)
         self._run(self._k.grad_input, dk.size, xk, dk, y,
-                  *(np.ascontiguousarray(v, ct) for v in (mean, a, b, c)), w, self._stream(y))
+                  *(np.ascontiguousarray(v, ct) for v in (mean, a, b, c)), w,
+                  self._stream(y, xk, dk))
         return self._finish(dy, y, out)
 
     def backward(self, x, dy, mean, variance, scale, epsilon, training, weights=None,
@@ -361,7 +366,7 @@ class CythonBackend(Backend):
         vector = self._vector
         sum_dy, sum_dy_xhat = self._run(
             self._k.backward, dk.size, xk, dk, y, vector(mean, ct), vector(variance, ct),
-            vector(scale, ct), float(epsilon), bool(training), w, self._stream(y))
+            vector(scale, ct), float(epsilon), bool(training), w, self._stream(y, xk, dk))
         return self._finish(dy, y, out), sum_dy, sum_dy_xhat
 
 
