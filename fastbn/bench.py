@@ -9,11 +9,12 @@ in the same run gives each case's memory roofline: the bytes its passes must
 move (3 for a training forward, 2 for inference) divided by that bandwidth.
 
 Ops: `train` (fused_batch_norm training forward), `infer` (inference),
-`inplace` (inference written over its input, `out=x`: what a pipeline that no
-longer needs x can ask for; torch's F.batch_norm has no such form, so it is
-timed against torch's ordinary inference), `backward` (fused_batch_norm_grad
-in training: input, scale and offset gradients, against torch autograd of
-F.batch_norm on a retained graph),
+`infer_inplace` (inference written over its input, `out=x`: what a pipeline
+that no longer needs x can ask for; torch's F.batch_norm has no such form, so
+it is timed against torch's ordinary inference), `backward`
+(fused_batch_norm_grad in training: input, scale and offset gradients, against
+torch autograd of F.batch_norm on a retained graph), `backward_inplace` (the
+same with dx written over dy, `out=dy`; against torch's backward),
 `layer` (the whole fastbn.batch_norm layer with in-place updates, against
 torch's F.batch_norm in training mode: what a call costs end to end).
 Outputs go to preallocated buffers (`out=`) where the side allows it.
@@ -45,8 +46,9 @@ CASES = [
     ("NHWC 4x4x4x8 (tiny)", (4, 4, 4, 8), "NHWC"),
 ]
 QUICK_CASES = [CASES[2], CASES[3], CASES[-1]]
-OPS = ("train", "infer", "inplace", "backward", "layer")
-PASSES = {"train": 3, "infer": 2, "inplace": 2, "backward": 5, "layer": 3}
+OPS = ("train", "infer", "infer_inplace", "backward", "backward_inplace", "layer")
+PASSES = {"train": 3, "infer": 2, "infer_inplace": 2, "backward": 5, "backward_inplace": 5,
+          "layer": 3}
 COMPARATORS = ("torch", "tf")
 DEVICES = ("cpu", "cuda")
 SETTLE_SECONDS = 0.02
@@ -73,12 +75,16 @@ def _fastbn_side(backend, x, fmt, device="cpu"):
     batch_mean, batch_var = x.mean(axis=axes, dtype=ct), x.var(axis=axes, dtype=ct)
     dy = _gradient(x)
     out = np.empty_like(x)
-    # Overwritten call after call by the in-place inference, away from the other ops' x.
-    x_inplace = x.copy()
+    # Overwritten call after call by the in-place ops, away from the other ops' arrays.
+    x_inplace, dy_inplace = x.copy(), dy.copy()
+    # With this scale dx is dy less its projections on 1 and x_hat: a second call gives
+    # the first's dx again, so the in-place backward's data neither grows nor fades.
+    unit_scale = np.sqrt(batch_var.astype(np.float64) + 0.001).astype(ct)
     if device == "cuda":
         from numba import cuda
 
-        x, dy, out, x_inplace = (cuda.to_device(a) for a in (x, dy, out, x_inplace))
+        x, dy, out, x_inplace, dy_inplace = (
+            cuda.to_device(a) for a in (x, dy, out, x_inplace, dy_inplace))
 
     # (run() times these inside fastbn.backends.use(backend), as a user would pick one.)
     def train():
@@ -88,20 +94,24 @@ def _fastbn_side(backend, x, fmt, device="cpu"):
         nn.fused_batch_norm(x, scale, offset, mean, var, data_format=fmt, is_training=False,
                             out=out)
 
-    def inplace():
+    def infer_inplace():
         nn.fused_batch_norm(x_inplace, scale, offset, mean, var, data_format=fmt,
                             is_training=False, out=x_inplace)
 
     def backward():
         nn.fused_batch_norm_grad(dy, x, scale, batch_mean, batch_var, data_format=fmt, out=out)
 
+    def backward_inplace():
+        nn.fused_batch_norm_grad(dy_inplace, x, unit_scale, batch_mean, batch_var,
+                                 data_format=fmt, out=dy_inplace)
+
     def layer():
         with graph.as_default():
             fastbn.batch_norm(x, data_format=fmt, scope="bn", reuse=fastbn.AUTO_REUSE,
                               updates_collections=None)
 
-    return {"train": train, "infer": infer, "inplace": inplace, "backward": backward,
-            "layer": layer}
+    return {"train": train, "infer": infer, "infer_inplace": infer_inplace,
+            "backward": backward, "backward_inplace": backward_inplace, "layer": layer}
 
 
 def _torch_side(x, fmt, threads, device="cpu"):
@@ -140,8 +150,8 @@ def _torch_side(x, fmt, threads, device="cpu"):
     def backward():
         torch.autograd.grad(y, [tg, wg, bg], dy, retain_graph=True)
 
-    return {"train": train, "infer": infer, "inplace": infer, "backward": backward,
-            "layer": train}
+    return {"train": train, "infer": infer, "infer_inplace": infer, "backward": backward,
+            "backward_inplace": backward, "layer": train}
 
 
 def _tf_side(x, fmt):
