@@ -82,6 +82,7 @@ class _Node:
         """{id(inputs) or Variable: gradient} for the sources this call touched."""
         act = self.activation
         on_device = nn.is_device_array(self.x)
+        given = dy
         if act is not None:
             grad_fn = ACTIVATION_GRADS.get(act)
             if grad_fn is None:
@@ -98,9 +99,13 @@ class _Node:
             dy = np.ascontiguousarray(dy, self.x.dtype)
         gamma = self.gamma_value
         eff_scale = gamma * self.adj_scale * self.r
+        # A dy the tape made itself (through the activation's derivative, or a conversion
+        # on the host) is nobody else's: dx is written over it, which spares a second new
+        # array (whose page faults cost more than the arithmetic on large inputs).
+        made_here = act is not None or (not on_device and not np.may_share_memory(dy, given))
         dx, sum_dy, sum_dy_xhat = nn.batch_norm_backward(
             self.x, dy, self.axis, self.mean, self.variance, self.epsilon, eff_scale,
-            self.training, weights=self.weights)
+            self.training, weights=self.weights, out=dy if made_here else None)
         inputs = self.inputs
         grads = {inputs if isinstance(inputs, Variable) else id(inputs): dx}
         if self.gamma is not None:

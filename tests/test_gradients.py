@@ -150,6 +150,30 @@ def test_several_calls_chain_and_accumulate(backend):
     assert dgamma.shape == (3,) and dh.shape == h.shape
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
+@pytest.mark.parametrize("dy_dtype", [np.float32, np.float64])
+def test_gradient_leaves_what_the_caller_owns_alone(backend, activation, dy_dtype):
+    # The tape writes dx over the dy it makes itself (an activation's derivative, a
+    # conversion), never over the caller's arrays; gradients are the same every time.
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((300, 4, 5)) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(dy_dtype)
+    act = None if activation is None else getattr(fb.nn, activation)
+    with fb.Graph().as_default():
+        with fb.GradientTape(persistent=True) as tape:
+            h = fb.batch_norm(x, scale=True, scope="a", activation_fn=act)
+            y = fb.batch_norm(h, scope="b", activation_fn=act)
+        saved = [a.copy() for a in (x, dy, h, y)]
+        first = tape.gradient(y, [x, h], output_gradients=dy)
+        for a, b in zip((x, dy, h, y), saved):
+            np.testing.assert_array_equal(a, b)
+        second = tape.gradient(y, [x, h], output_gradients=dy)
+    for a, b in zip(first, second):
+        assert a is not b
+        np.testing.assert_array_equal(a, b)
+    assert not np.may_share_memory(first[0], first[1])
+
+
 def test_unconnected_sources_and_defaults():
     x = np.random.default_rng(8).standard_normal((5, 2)).astype(np.float32)
     other = np.ones((5, 2), np.float32)

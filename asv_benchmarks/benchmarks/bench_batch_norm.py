@@ -100,11 +100,17 @@ class Layer(Benchmark):
                               reuse=fastbn.AUTO_REUSE, updates_collections=None)
 
     def time_batch_norm_with_tape(self, backend, case):
+        self._forward_and_gradient(backend, None)
+
+    def time_batch_norm_relu_with_tape(self, backend, case):
+        self._forward_and_gradient(backend, fastbn.nn.relu)
+
+    def _forward_and_gradient(self, backend, activation):
         with fastbn.backends.use(backend), self.graph.as_default():
             with fastbn.GradientTape() as tape:
                 y = fastbn.batch_norm(self.x, scale=True, data_format=self.data_format,
                                       scope="bn", reuse=fastbn.AUTO_REUSE,
-                                      updates_collections=None)
+                                      updates_collections=None, activation_fn=activation)
             tape.gradient(y, [self.x], output_gradients=self.dy)
 
 
