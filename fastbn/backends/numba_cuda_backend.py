@@ -102,6 +102,29 @@ def _device(fn):
     return cuda.jit(device=True)(fn) if cuda is not None else fn
 
 
+@_device
+def _column_sums(s0, s1, s2, a0, a1, a2):
+    """A thread's three values into its (threadIdx.y, threadIdx.x) place in the shared
+    arrays; once the block has met, the sums down its column in row order (the bits of
+    a plain loop), for the threads of row 0 (zeros for the others).  Every thread of the
+    block must call it."""
+    ty = cuda.threadIdx.y
+    tx = cuda.threadIdx.x
+    s0[ty, tx] = a0
+    s1[ty, tx] = a1
+    s2[ty, tx] = a2
+    cuda.syncthreads()
+    t0 = 0.0
+    t1 = 0.0
+    t2 = 0.0
+    if ty == 0:
+        for k in range(s0.shape[0]):
+            t0 += s0[k, tx]
+            t1 += s1[k, tx]
+            t2 += s2[k, tx]
+    return t0, t1, t2
+
+
 @_jit
 def rows_sums(x, a, parts, has_a, a_c, rows_per_block, centre_from_data):
     """Per-channel partials of a rows block: sum(a), sum(a*d), sum(a*d*d), d = x - centre.
@@ -168,18 +191,8 @@ def rows_sums(x, a, parts, has_a, a_c, rows_per_block, centre_from_data):
             a1 += wt * v
             a2 += wt * v * v
             r += ROW_THREADS
-    s0[ty, tx] = a0
-    s1[ty, tx] = a1
-    s2[ty, tx] = a2
-    cuda.syncthreads()
+    t0, t1, t2 = _column_sums(s0, s1, s2, a0, a1, a2)
     if ty == 0 and c < channels:
-        t0 = 0.0
-        t1 = 0.0
-        t2 = 0.0
-        for k in range(ROW_THREADS):
-            t0 += s0[k, tx]
-            t1 += s1[k, tx]
-            t2 += s2[k, tx]
         parts[1 + b, c] = t0
         parts[1 + blocks + b, c] = t1
         parts[1 + 2 * blocks + b, c] = t2
@@ -266,18 +279,8 @@ def combine(parts, io, coef, epsilon, total, result):
             a0 += parts[1 + b, c]
             a1 += parts[1 + blocks + b, c]
             a2 += parts[1 + 2 * blocks + b, c]
-    s0[ty, tx] = a0
-    s1[ty, tx] = a1
-    s2[ty, tx] = a2
-    cuda.syncthreads()
+    t0, t1, t2 = _column_sums(s0, s1, s2, a0, a1, a2)
     if ty == 0 and c < channels:
-        t0 = 0.0
-        t1 = 0.0
-        t2 = 0.0
-        for k in range(COMBINE_THREADS):
-            t0 += s0[k, tx]
-            t1 += s1[k, tx]
-            t2 += s2[k, tx]
         if result == SUMS:
             io[0, c] = t0
             io[1, c] = t1
