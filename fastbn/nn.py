@@ -195,12 +195,13 @@ def check_out(out, x, argument="out"):
     return out
 
 
-def _device_layout(a):
-    """(data pointer, strides, lowest byte, highest byte + 1) of a device array; the
-    bytes None where it has no elements."""
+def _memory_layout(a):
+    """(data pointer, strides, lowest byte, highest byte + 1) of a host or device array,
+    from its array interface; the bytes None where it has no elements."""
     iface = getattr(a, "__cuda_array_interface__", None)
-    if iface is None:  # Numba's simulator: a NumPy array inside, described the same way
-        iface = a._ary.__array_interface__
+    if iface is None:
+        # A NumPy array, or Numba's simulator's device array (a NumPy array inside).
+        iface = getattr(a, "_ary", a).__array_interface__
     shape = tuple(iface["shape"])
     itemsize = np.dtype(iface["typestr"]).itemsize
     strides = iface.get("strides")
@@ -220,16 +221,13 @@ def _writes_over(out, a):
     read each element before writing the one at its index, so `out` may be `a` itself."""
     if out is a:
         return False
-    if is_device_array(out):
-        out_pointer, out_strides, out_low, out_high = _device_layout(out)
-        pointer, strides, low, high = _device_layout(a)
-        if out_low is None or low is None or out_high <= low or high <= out_low:
-            return False
-        return (out_pointer, out_strides) != (pointer, strides)
-    if not np.may_share_memory(out, a):
+    if type(out) is np.ndarray and not np.may_share_memory(out, a):
+        return False  # (the usual answer on the host, without building interfaces)
+    out_pointer, out_strides, out_low, out_high = _memory_layout(out)
+    pointer, strides, low, high = _memory_layout(a)
+    if out_low is None or low is None or out_high <= low or high <= out_low:
         return False
-    return (out.__array_interface__["data"][0], out.strides) != (
-        a.__array_interface__["data"][0], a.strides)
+    return (out_pointer, out_strides) != (pointer, strides)
 
 
 def _out_view(out, shape3, *inputs):
