@@ -33,6 +33,8 @@ __all__ = [
     "sigmoid",
     "tanh",
     "elu",
+    "relu_grad",
+    "relu6_grad",
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -213,6 +215,18 @@ def _memory_layout(a):
     low = pointer + sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
     high = pointer + sum((n - 1) * s for n, s in zip(shape, strides) if s > 0) + itemsize
     return pointer, tuple(strides), low, high
+
+
+def _c_contiguous(a):
+    """Whether a host or device array's elements lie in C order without gaps."""
+    _, strides, _, _ = _memory_layout(a)
+    itemsize = np.dtype(a.dtype).itemsize
+    expected = itemsize
+    for n, stride in zip(reversed(tuple(a.shape)), reversed(strides)):
+        if n > 1 and stride != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _writes_over(out, a):
@@ -743,3 +757,53 @@ def elu(features, name=None):
     """features if > 0, else exp(features) - 1."""
     x = as_float_array(features, "features")
     return np.where(x > 0, x, np.expm1(np.minimum(x, 0))).astype(x.dtype)
+
+
+def relu_grad(gradients, features, out=None):
+    """TF's ReluGrad: `gradients * (features > 0)`, the gradient through `relu` from its
+    output (or its input: the same signs).
+
+    `gradients` and `features` are arrays of one shape and float dtype (host or
+    device); `out`, an array of that shape and dtype to write into (`gradients`
+    itself works).
+    """
+    return _relu_grad(gradients, features, math.inf, out)
+
+
+def relu6_grad(gradients, features, out=None):
+    """TF's Relu6Grad: `gradients * ((features > 0) & (features < 6))`, the gradient
+    through `relu6` from its output (or its input).  Arguments as `relu_grad`'s."""
+    return _relu_grad(gradients, features, 6.0, out)
+
+
+def _relu_grad(gradients, features, cap, out):
+    dy = as_float_array(gradients, "gradients")
+    y = as_float_array(features, "features")
+    if tuple(y.shape) != tuple(dy.shape):
+        raise ValueError(f"features must have the shape of gradients {tuple(dy.shape)}, got "
+                         f"{tuple(y.shape)}")
+    if np.dtype(y.dtype) != np.dtype(dy.dtype):
+        raise TypeError(f"features must have the dtype of gradients {dy.dtype}, got {y.dtype}")
+    if is_device_array(dy) != is_device_array(y):
+        raise TypeError("features must live where gradients live (both NumPy, or both on the "
+                        "device)")
+    target = None
+    if out is not None:
+        out = check_out(out, dy)
+    if is_device_array(dy):
+        # (The device kernel runs over the elements as one flat run.)
+        for a, argument in ((dy, "gradients"), (y, "features"), (out, "out")):
+            if a is not None and not _c_contiguous(a):
+                raise ValueError(f"{argument} must be C-contiguous on the device")
+    if out is not None:
+        # Elementwise: out may be either input, but not overlap one elsewhere.
+        if not (_writes_over(out, dy) or _writes_over(out, y)):
+            target = out
+    result = backends.get_for(dy).relu_grad(dy, y, cap, out=target)
+    if out is not None and result is not out:
+        if is_device_array(out):
+            out[...] = result
+        else:
+            np.copyto(out, result)
+        result = out
+    return as_caller_kind(result, gradients)

@@ -355,3 +355,75 @@ def test_variables_are_accepted_as_arrays(backend):
     v = fb.Variable(_data((4, 3)))
     mean, _ = nn.moments(v, [0])
     np.testing.assert_allclose(mean, v.numpy().mean(0), rtol=1e-6)
+
+
+def _relu_grad_reference(dy, y, cap):
+    with np.errstate(invalid="ignore"):
+        return dy * ((y > 0) & ((y < cap) | (cap == np.inf))).astype(dy.dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("op, cap", [("relu_grad", np.inf), ("relu6_grad", 6.0)])
+def test_relu_grads(backend, dtype, op, cap):
+    # Large enough for the threaded kernels; strided inputs too.
+    y = _data((300, 7, 40), dtype, loc=2.0, scale=4.0, seed=3)
+    y.flat[::7] = 0
+    y.flat[1::7] = 6
+    dy = _data(y.shape, dtype, seed=4)
+    saved = (y.copy(), dy.copy())
+    expected = _relu_grad_reference(dy, y, cap)
+    grad = getattr(nn, op)
+    out = grad(dy, y)
+    assert out.dtype == dtype and out.shape == y.shape
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(grad(dy[:, ::2], y[:, ::2]), expected[:, ::2])
+    np.testing.assert_array_equal(grad(dy.tolist(), y.astype(np.float32).tolist()),
+                                  _relu_grad_reference(dy.astype(np.float32),
+                                                       y.astype(np.float32), cap))
+    for a, b in zip((y, dy), saved):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["relu_grad", "relu6_grad"])
+def test_relu_grads_out(backend, op):
+    grad = getattr(nn, op)
+    cap = 6.0 if op == "relu6_grad" else np.inf
+    y = _data((200, 3, 30), np.float32, loc=2.0, scale=4.0, seed=5)
+    dy = _data(y.shape, np.float32, seed=6)
+    expected = _relu_grad_reference(dy, y, cap)
+    out = np.empty_like(dy)
+    assert grad(dy, y, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    # Over either input, in place.
+    d2, y2 = dy.copy(), y.copy()
+    assert grad(d2, y2, out=d2) is d2
+    np.testing.assert_array_equal(d2, expected)
+    d2 = dy.copy()
+    assert grad(d2, y2, out=y2) is y2
+    np.testing.assert_array_equal(y2, expected)
+    # Strided, and overlapping an input one element off.
+    wide = np.zeros((200, 3, 60), np.float32)
+    assert grad(dy, y, out=wide[:, :, ::2]) is not None
+    np.testing.assert_array_equal(wide[:, :, ::2], expected)
+    np.testing.assert_array_equal(wide[:, :, 1::2], 0)
+    buffer = np.concatenate([dy.ravel(), [0]]).astype(np.float32)
+    shifted = buffer[1:].reshape(dy.shape)
+    buffer[:-1] = dy.ravel()
+    grad(buffer[:-1].reshape(dy.shape), y, out=shifted)
+    np.testing.assert_array_equal(shifted, expected)
+
+
+def test_relu_grad_argument_checks():
+    y = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="features must have the shape of gradients"):
+        nn.relu_grad(np.ones((4, 2), np.float32), y)
+    with pytest.raises(TypeError, match="features must have the dtype of gradients"):
+        nn.relu6_grad(np.ones((4, 3), np.float64), y)
+    with pytest.raises(TypeError, match="gradients must be a floating-point array"):
+        nn.relu_grad(np.ones((4, 3), np.int32), y)
+    with pytest.raises(TypeError, match="features must be a floating-point array"):
+        nn.relu_grad(y, "y")
+    with pytest.raises(ValueError, match="out must have the input's shape"):
+        nn.relu_grad(y, y, out=np.ones((3, 4), np.float32))
+    with pytest.raises(TypeError, match="out must have the input's dtype"):
+        nn.relu_grad(y, y, out=np.ones((4, 3), np.float64))

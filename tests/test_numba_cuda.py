@@ -120,6 +120,37 @@ def test_device_out_overlapping_the_input(cuda, shift):
     np.testing.assert_allclose(_host(out), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("op, cap", [("relu_grad", np.inf), ("relu6_grad", 6.0)])
+def test_relu_grads_on_device_arrays(cuda, monkeypatch, dtype, op, cap):
+    y = _data((30, 7), seed=3, dtype=dtype) * 3
+    y[0, :4] = [0, 6, -0.0, np.inf]
+    dy = _data((30, 7), seed=4, dtype=dtype)
+    dy[1, :3] = [np.inf, np.nan, -1]
+    y[1, :3] = [-1, -1, -1]
+    with np.errstate(invalid="ignore"):
+        ref = dy * ((y > 0) & ((y < cap) | (cap == np.inf))).astype(dtype)
+    d_y, d_dy = cuda.to_device(y), cuda.to_device(dy)
+    device_array = type(d_y)
+    copies = []
+    monkeypatch.setattr(device_array, "copy_to_host",
+                        lambda *a, **k: copies.append(a) or pytest.fail("copied to the host"))
+    grad = getattr(nn, op)
+    got = grad(d_dy, d_y)
+    d_out = cuda.device_array(y.shape, dtype)
+    assert grad(d_dy, d_y, out=d_out) is d_out
+    assert grad(d_dy, d_y, out=d_dy) is d_dy  # in place
+    with pytest.raises(ValueError, match="gradients must be C-contiguous on the device"):
+        grad(cuda.to_device(_data((30, 14), dtype=dtype))[:, ::2], d_y)
+    with pytest.raises(TypeError, match="features must live where gradients live"):
+        grad(d_out, y)
+    monkeypatch.undo()
+    assert copies == []
+    assert fb.backends.is_device_array(got) and got.dtype == dtype
+    for result in (got, d_out, d_dy):
+        np.testing.assert_array_equal(_host(result), ref)
+
+
 def test_moments_and_gradients_on_device_arrays(cuda):
     x = _data((6, 4))
     dy = _data((6, 4), seed=1)

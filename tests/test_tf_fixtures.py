@@ -134,6 +134,17 @@ def test_nn_op_matches_tensorflow(case, backend):
         outs = [fb.nn.batch_normalization(x, inputs["mean"], inputs["variance"],
                                           inputs["offset"] if p else None,
                                           inputs["scale"] if p else None, case["epsilon"])]
+    elif op in ("relu_grad", "relu6_grad"):
+        out = getattr(fb.nn, op)(inputs["dy"], x)
+        ref = NN_ARRAYS[f"{case['id']}|out|0"]
+        # Exactly TF's products: NaN where TF has NaN, zeros of TF's sign (a NaN's sign
+        # is the hardware's).
+        out = np.asarray(out)
+        assert out.dtype == ref.dtype
+        np.testing.assert_array_equal(out, ref)
+        numbers = ~np.isnan(ref)
+        np.testing.assert_array_equal(np.signbit(out[numbers]), np.signbit(ref[numbers]))
+        outs = []
     elif op == "fused_batch_norm_grad":
         outs = fb.nn.fused_batch_norm_grad(
             inputs["dy"], x, inputs["scale"], *_forward_statistics(case, inputs),

@@ -16,7 +16,7 @@ Run it in a venv of its own (see ../shared/REFERENCE.md):
 It writes tests/fixtures/tf_layer.{json,npz} (layer outputs, variables and
 collections over several steps), tests/fixtures/tf_grad.{json,npz}
 (tf.gradients of the layer) and tests/fixtures/tf_nn.{json,npz} (the nn
-ops, FusedBatchNormGrad included).
+ops, FusedBatchNormGrad, ReluGrad and Relu6Grad included).
 """
 
 import json
@@ -183,9 +183,18 @@ def nn_cases():
                 "pshape": [4, 1, 3], "with_params": True, "epsilon": 0.001})
     out.append({"op": "batch_normalization", "shape": [3, 4, 2, 3], "dtype": "float32",
                 "pshape": [], "with_params": True, "epsilon": 0.001})
+    for op in ("relu_grad", "relu6_grad"):
+        for dtype in ("float16", "float32", "float64"):
+            out.append({"op": op, "shape": [4, 5, 6], "dtype": dtype})
     for i, case in enumerate(out):
         case["id"] = f"{case['op']}-{i}"
     return out
+
+
+# Where the activations' gradients change, and what a product with 0 keeps (the sign of
+# zero, NaN from infinities).
+GATE_FEATURES = [0.0, -0.0, 6.0, 5.99, 6.01, 1e-30, -1e-30, np.inf, -np.inf, np.nan]
+GATE_GRADIENTS = [-1.5, np.inf, -np.inf, np.nan, -0.0, 0.0]
 
 
 def nn_inputs(case):
@@ -208,6 +217,15 @@ def nn_inputs(case):
         del pdtype
     if case["op"] == "fused_batch_norm_grad":
         inputs["dy"] = rng.standard_normal(shape).astype(case["dtype"])
+    if case["op"] in ("relu_grad", "relu6_grad"):
+        # x: the features; the gradients: random, then every special value against
+        # every special feature.
+        x = (rng.standard_normal(shape) * 4 + 1).ravel()
+        dy = rng.standard_normal(shape).ravel()
+        grid = np.array([(f, g) for f in GATE_FEATURES for g in GATE_GRADIENTS])
+        x[:len(grid)], dy[:len(grid)] = grid[:, 0], grid[:, 1]
+        inputs = {"x": x.reshape(shape).astype(case["dtype"]),
+                  "dy": dy.reshape(shape).astype(case["dtype"])}
     if case["op"] in ("fused_batch_norm", "fused_batch_norm_grad"):
         c = shape[1] if case["data_format"] == "NCHW" else shape[-1]
         for name, lo, hi in (("scale", 0.5, 2), ("offset", -1, 1), ("mean", -1, 1),
@@ -240,6 +258,10 @@ def record_nn_case(case, arrays):
             outs = tf1.nn.moments(x, case["axes"], keep_dims=case["keepdims"])
         elif op == "weighted_moments":
             outs = tf1.nn.weighted_moments(x, case["axes"], ph["w"], keep_dims=case["keepdims"])
+        elif op == "relu_grad":
+            outs = [tf.raw_ops.ReluGrad(gradients=ph["dy"], features=x)]
+        elif op == "relu6_grad":
+            outs = [tf.raw_ops.Relu6Grad(gradients=ph["dy"], features=x)]
         elif op == "batch_normalization":
             with_params = case["with_params"]
             outs = [tf.nn.batch_normalization(

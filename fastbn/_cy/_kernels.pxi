@@ -21,7 +21,7 @@
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange, parallel
-from libc.math cimport sqrt
+from libc.math cimport INFINITY, sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
@@ -1586,6 +1586,56 @@ def floats_to_halves(cnp.ndarray src, cnp.ndarray dst, int n_threads):
     cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
     with nogil:
         _convert(s, d, n, False, n_threads)
+
+
+cdef inline void _relu_grad_range(const floating* dy, const floating* y, floating* out,
+                                  Py_ssize_t lo, Py_ssize_t hi, floating cap,
+                                  bint capped) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating one = 1, zero = 0, v
+    cdef bint uncapped = not capped
+    for i in range(lo, hi):
+        v = y[i]
+        # A product, not a choice: dy * 0 is NaN for an infinite or NaN dy, as in TF.
+        out[i] = dy[i] * (one if (v > zero) & ((v < cap) | uncapped) else zero)
+
+
+cdef void _relu_grad(const floating* dy, const floating* y, floating* out, Py_ssize_t n,
+                     floating cap, bint capped, int n_threads) noexcept nogil:
+    cdef Py_ssize_t pieces = (n + BLOCK - 1) // BLOCK, p, lo, hi
+    cdef int nt = _threads(n, n_threads)
+    if nt == 1:
+        _relu_grad_range(dy, y, out, 0, n, cap, capped)
+        return
+    for p in prange(pieces, schedule="static", num_threads=nt):
+        lo = p * BLOCK
+        hi = lo + BLOCK if lo + BLOCK < n else n
+        _relu_grad_range(dy, y, out, lo, hi, cap, capped)
+
+
+def relu_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, double cap, int n_threads):
+    """out = dy * (0 < y < cap), elementwise: the gradient through min(max(., 0), cap)
+    (relu6: cap 6) from its output y; cap inf for relu, where y = inf passes too, as in
+    TF.  C-contiguous float32 or float64 arrays of one dtype and size; out may be dy or
+    y."""
+    cdef bint capped = cap != INFINITY
+    cdef bint f32 = _is_float32(dy)
+    cdef int t = cnp.PyArray_TYPE(dy)
+    _require(y, t, "y")
+    _require(out, t, "out")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(dy)
+    if cnp.PyArray_SIZE(y) != n or cnp.PyArray_SIZE(out) != n:
+        raise ValueError("relu_grad: dy, y and out must have the same size")
+    cdef void* dp = cnp.PyArray_DATA(dy)
+    cdef void* yp = cnp.PyArray_DATA(y)
+    cdef void* op = cnp.PyArray_DATA(out)
+    with nogil:
+        if f32:
+            _relu_grad(<const float*>dp, <const float*>yp, <float*>op, n, <float>cap, capped,
+                       n_threads)
+        else:
+            _relu_grad(<const double*>dp, <const double*>yp, <double*>op, n, cap, capped,
+                       n_threads)
 
 
 def moments(cnp.ndarray x, object weights, int n_threads):

@@ -154,6 +154,16 @@ class Backend:
         """
         raise NotImplementedError
 
+    def relu_grad(self, dy, y, cap, out=None):
+        """`dy * (0 < y < cap)` elementwise: the gradient through min(max(., 0), cap)
+        (relu6: cap 6) from its output `y`, of dy's shape and dtype; cap inf for relu,
+        where y = inf passes too, as in TF.  `out` may be dy or y itself."""
+        with np.errstate(invalid="ignore"):
+            passes = y > 0
+            if cap != np.inf:
+                passes &= y < cap
+            return np.multiply(dy, passes, out=out)
+
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         """Batch statistics and the output normalized with them, in one call.
 

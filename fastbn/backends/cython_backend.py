@@ -36,6 +36,8 @@ STREAM_BYTES_VAR = "FASTBN_STREAM_BYTES"
 DEFAULT_STREAM_BYTES = 16 << 20
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
+# What the kernels read as they are (float16 only where noted).
+_KERNEL_DTYPES = (_F32, np.dtype(np.float64))
 
 
 def cpu_has_avx2():
@@ -324,6 +326,15 @@ class CythonBackend(Backend):
             None if scale is None else np.ascontiguousarray(scale, ct),
             np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk))
         return self._finish(x, y, out)
+
+    def relu_grad(self, dy, y, cap, out=None):
+        if not (dy.dtype in _KERNEL_DTYPES and y.dtype == dy.dtype and dy.flags.c_contiguous
+                and y.flags.c_contiguous and (out is None or out.flags.c_contiguous)):
+            # float16 and strided data: NumPy's loops.
+            return super().relu_grad(dy, y, cap, out=out)
+        result = np.empty(dy.shape, dy.dtype) if out is None else out
+        self._run(self._k.relu_grad, dy.size, dy, y, result, float(cap))
+        return result
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         if weights is not None:

@@ -328,6 +328,18 @@ def stage(source, target):
         target[r, c] = source[r, c]
 
 
+@_jit
+def relu_grad(dy, y, out, cap, capped, zero):
+    """out = dy * (0 < y < cap) over 1-D arrays, without the upper bound unless `capped`
+    (`zero` is 0 in the compute dtype)."""
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        v = y[i]
+        d = dy[i]
+        # A product where it is 0: NaN for an infinite or NaN dy, as in TF (in float64:
+        # under the simulator a NumPy scalar's inf * 0 would warn).
+        out[i] = d if v > zero and (v < cap or not capped) else float(d) * 0.0
+
+
 @_device
 def _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu):
     t = (v - mean) * k + b
@@ -453,6 +465,7 @@ def _affine_kernels(kind, has_dy):
 
 
 KERNELS = {"rows_sums": rows_sums, "runs_sums": runs_sums, "combine": combine, "stage": stage,
+           "relu_grad": relu_grad,
            **_affine_kernels("normalize", False), **_affine_kernels("grad", True)}
 
 # Launch configurations kept (Numba builds one per launch otherwise); beyond this
@@ -460,6 +473,11 @@ KERNELS = {"rows_sums": rows_sums, "runs_sums": runs_sums, "combine": combine, "
 LAUNCHES_KEPT = 256
 # How DirectLaunches packs an argument: an array, or a scalar passed as it is.
 ARRAY, AS_IS = "array", None
+
+
+def _flat(a):
+    """A C-contiguous device array as a 1-D view."""
+    return a.reshape(a.size)
 
 
 def _host_copy(row):
@@ -755,6 +773,19 @@ class NumbaCudaBackend(Backend):
             self._affine(d_x, None, d_out, coef, relu=relu)
             self._wait()
         return self._finish_output(d_out, x, on_host, out)
+
+    def relu_grad(self, dy, y, cap, out=None):
+        d_dy, on_host = self._compute_input(dy)
+        d_y = self._compute_input(y)[0]
+        d_out = self._output(d_dy, out)
+        if d_dy.size:
+            ct = compute_dtype(d_dy.dtype).type
+            threads = CHANNELS_PER_BLOCK * ROW_THREADS
+            blocks = max(1, min(math.ceil(d_dy.size / threads), ELEMENTWISE_BLOCKS))
+            self._run("relu_grad", blocks, threads, *(_flat(a) for a in (d_dy, d_y, d_out)),
+                      ct(cap), bool(cap != math.inf), ct(0))
+            self._wait()
+        return self._finish_output(d_out, dy, on_host, out)
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         n, c, m = x.shape
