@@ -33,15 +33,8 @@ def recording():
     return _state.tapes
 
 
-# Activations the tape differentiates, from the activation's output y.
-def _relu_grad(y):
-    return y > 0
-
-
-def _relu6_grad(y):
-    return (y > 0) & (y < 6)
-
-
+# Activations the tape differentiates, from the activation's output y: a factor on dy
+# (computed on the host) ...
 def _sigmoid_grad(y):
     y = y.astype(np.float64)
     return y * (1.0 - y)
@@ -58,11 +51,15 @@ def _elu_grad(y):
 
 
 ACTIVATION_GRADS = {
-    nn.relu: _relu_grad,
-    nn.relu6: _relu6_grad,
     nn.sigmoid: _sigmoid_grad,
     nn.tanh: _tanh_grad,
     nn.elu: _elu_grad,
+}
+# ... or TF's gradient op, which fastbn.nn computes where the data lives:
+# op(dy, y, out=None).
+ACTIVATION_GRAD_OPS = {
+    nn.relu: nn.relu_grad,
+    nn.relu6: nn.relu6_grad,
 }
 
 
@@ -83,7 +80,8 @@ class _Node:
         act = self.activation
         on_device = nn.is_device_array(self.x)
         given = dy
-        if act is not None:
+        grad_op = ACTIVATION_GRAD_OPS.get(act)
+        if act is not None and grad_op is None:
             grad_fn = ACTIVATION_GRADS.get(act)
             if grad_fn is None:
                 name = getattr(act, "__qualname__", None) or repr(act)
@@ -97,12 +95,16 @@ class _Node:
             dy = _device(dy, self.x.dtype)
         else:
             dy = np.ascontiguousarray(dy, self.x.dtype)
+        # A dy the tape made itself (through the activation's derivative, or a conversion
+        # on the host) is nobody else's: results are written over it, which spares new
+        # arrays (whose page faults cost more than the arithmetic on large inputs).
+        made_here = act is not None and grad_op is None or (
+            not on_device and not np.may_share_memory(dy, given))
+        if grad_op is not None:
+            dy = grad_op(dy, self.output, out=dy if made_here else None)
+            made_here = True
         gamma = self.gamma_value
         eff_scale = gamma * self.adj_scale * self.r
-        # A dy the tape made itself (through the activation's derivative, or a conversion
-        # on the host) is nobody else's: dx is written over it, which spares a second new
-        # array (whose page faults cost more than the arithmetic on large inputs).
-        made_here = act is not None or (not on_device and not np.may_share_memory(dy, given))
         dx, sum_dy, sum_dy_xhat = nn.batch_norm_backward(
             self.x, dy, self.axis, self.mean, self.variance, self.epsilon, eff_scale,
             self.training, weights=self.weights, out=dy if made_here else None)

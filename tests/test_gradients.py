@@ -150,7 +150,7 @@ def test_several_calls_chain_and_accumulate(backend):
     assert dgamma.shape == (3,) and dh.shape == h.shape
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6", "sigmoid"])
 @pytest.mark.parametrize("dy_dtype", [np.float32, np.float64])
 def test_gradient_leaves_what_the_caller_owns_alone(backend, activation, dy_dtype):
     # The tape writes dx over the dy it makes itself (an activation's derivative, a
