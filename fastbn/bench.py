@@ -16,7 +16,11 @@ it is timed against torch's ordinary inference), `backward`
 torch autograd of F.batch_norm on a retained graph), `backward_inplace` (the
 same with dx written over dy, `out=dy`; against torch's backward),
 `layer` (the whole fastbn.batch_norm layer with in-place updates, against
-torch's F.batch_norm in training mode: what a call costs end to end).
+torch's F.batch_norm in training mode: what a call costs end to end),
+`tape_relu` (GradientTape.gradient of batch_norm(..., scale=True,
+activation_fn=relu) for x, gamma and beta, against torch autograd of
+F.relu(F.batch_norm(...)): training through the most common activation; its
+roofline is the backward's five passes).
 Outputs go to preallocated buffers (`out=`) where the side allows it.
 
 `device="cuda"` (`bench --device cuda`) keeps the data on the GPU: the
@@ -46,9 +50,9 @@ CASES = [
     ("NHWC 4x4x4x8 (tiny)", (4, 4, 4, 8), "NHWC"),
 ]
 QUICK_CASES = [CASES[2], CASES[3], CASES[-1]]
-OPS = ("train", "infer", "infer_inplace", "backward", "backward_inplace", "layer")
+OPS = ("train", "infer", "infer_inplace", "backward", "backward_inplace", "layer", "tape_relu")
 PASSES = {"train": 3, "infer": 2, "infer_inplace": 2, "backward": 5, "backward_inplace": 5,
-          "layer": 3}
+          "layer": 3, "tape_relu": 5}
 COMPARATORS = ("torch", "tf")
 DEVICES = ("cpu", "cuda")
 SETTLE_SECONDS = 0.02
@@ -110,8 +114,20 @@ def _fastbn_side(backend, x, fmt, device="cpu"):
             fastbn.batch_norm(x, data_format=fmt, scope="bn", reuse=fastbn.AUTO_REUSE,
                               updates_collections=None)
 
+    with graph.as_default():
+        tape = fastbn.GradientTape(persistent=True)
+        with tape:
+            y_relu = fastbn.batch_norm(x, scale=True, activation_fn=nn.relu, data_format=fmt,
+                                       scope="tape")
+        trainable = fastbn.GraphKeys.TRAINABLE_VARIABLES
+        sources = [x, *fastbn.get_variables("tape", collection=trainable)]  # gamma, beta
+
+    def tape_relu():
+        tape.gradient(y_relu, sources, output_gradients=dy)
+
     return {"train": train, "infer": infer, "infer_inplace": infer_inplace,
-            "backward": backward, "backward_inplace": backward_inplace, "layer": layer}
+            "backward": backward, "backward_inplace": backward_inplace, "layer": layer,
+            "tape_relu": tape_relu}
 
 
 def _torch_side(x, fmt, threads, device="cpu"):
@@ -150,8 +166,14 @@ def _torch_side(x, fmt, threads, device="cpu"):
     def backward():
         torch.autograd.grad(y, [tg, wg, bg], dy, retain_graph=True)
 
+    y_relu = F.relu(F.batch_norm(tg, running_mean.clone(), running_var.clone(), wg, bg,
+                                 training=True))
+
+    def tape_relu():
+        torch.autograd.grad(y_relu, [tg, wg, bg], dy, retain_graph=True)
+
     return {"train": train, "infer": infer, "infer_inplace": infer, "backward": backward,
-            "backward_inplace": backward, "layer": train}
+            "backward_inplace": backward, "layer": train, "tape_relu": tape_relu}
 
 
 def _tf_side(x, fmt):
