@@ -1600,27 +1600,61 @@ cdef inline void _relu_grad_range(const floating* dy, const floating* y, floatin
         out[i] = dy[i] * (one if (v > zero) & ((v < cap) | uncapped) else zero)
 
 
-cdef void _relu_grad(const floating* dy, const floating* y, floating* out, Py_ssize_t n,
-                     floating cap, bint capped, int n_threads) noexcept nogil:
+cdef void _relu_grad_halves(const unsigned short* dy, const unsigned short* y,
+                            unsigned short* out, Py_ssize_t lo, Py_ssize_t hi, float cap,
+                            bint capped) noexcept nogil:
+    """_relu_grad_range of float16 data (F16C builds), a piece at a time in float32: the
+    product (dy or a zero) is exact, so rounding it back gives NumPy's and TF's bits."""
+    cdef float bd[SUMS_PIECE]
+    cdef float by[SUMS_PIECE]
+    cdef Py_ssize_t i = lo, n
+    while i < hi:
+        n = hi - i if hi - i < SUMS_PIECE else SUMS_PIECE
+        fastbn_halves_to_floats(dy + i, bd, n)
+        fastbn_halves_to_floats(y + i, by, n)
+        _relu_grad_range(<const float*>bd, <const float*>by, bd, 0, n, cap, capped)
+        fastbn_floats_to_halves(bd, out + i, n)
+        i += n
+
+
+cdef inline void _relu_grad_part(const void* dy, const void* y, void* out, Py_ssize_t lo,
+                                 Py_ssize_t hi, double cap, bint capped,
+                                 int typenum) noexcept nogil:
+    if typenum == cnp.NPY_FLOAT32:
+        _relu_grad_range(<const float*>dy, <const float*>y, <float*>out, lo, hi, <float>cap,
+                         capped)
+    elif typenum == cnp.NPY_FLOAT64:
+        _relu_grad_range(<const double*>dy, <const double*>y, <double*>out, lo, hi, cap,
+                         capped)
+    else:
+        _relu_grad_halves(<const unsigned short*>dy, <const unsigned short*>y,
+                          <unsigned short*>out, lo, hi, <float>cap, capped)
+
+
+cdef void _relu_grad(const void* dy, const void* y, void* out, Py_ssize_t n, double cap,
+                     bint capped, int typenum, int n_threads) noexcept nogil:
     cdef Py_ssize_t pieces = (n + BLOCK - 1) // BLOCK, p, lo, hi
     cdef int nt = _threads(n, n_threads)
     if nt == 1:
-        _relu_grad_range(dy, y, out, 0, n, cap, capped)
+        _relu_grad_part(dy, y, out, 0, n, cap, capped, typenum)
         return
     for p in prange(pieces, schedule="static", num_threads=nt):
         lo = p * BLOCK
         hi = lo + BLOCK if lo + BLOCK < n else n
-        _relu_grad_range(dy, y, out, lo, hi, cap, capped)
+        _relu_grad_part(dy, y, out, lo, hi, cap, capped, typenum)
 
 
 def relu_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, double cap, int n_threads):
     """out = dy * (0 < y < cap), elementwise: the gradient through min(max(., 0), cap)
     (relu6: cap 6) from its output y; cap inf for relu, where y = inf passes too, as in
-    TF.  C-contiguous float32 or float64 arrays of one dtype and size; out may be dy or
-    y."""
+    TF.  C-contiguous arrays of one dtype and size: float32, float64, or float16 where
+    f16c_enabled(); out may be dy or y."""
     cdef bint capped = cap != INFINITY
-    cdef bint f32 = _is_float32(dy)
     cdef int t = cnp.PyArray_TYPE(dy)
+    if not (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64
+            or (t == cnp.NPY_FLOAT16 and fastbn_have_f16c())):
+        raise TypeError("dy must be float32 or float64 (or float16 in a build with F16C)")
+    _require(dy, t, "dy")
     _require(y, t, "y")
     _require(out, t, "out")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(dy)
@@ -1630,12 +1664,7 @@ def relu_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, double cap, int n_
     cdef void* yp = cnp.PyArray_DATA(y)
     cdef void* op = cnp.PyArray_DATA(out)
     with nogil:
-        if f32:
-            _relu_grad(<const float*>dp, <const float*>yp, <float*>op, n, <float>cap, capped,
-                       n_threads)
-        else:
-            _relu_grad(<const double*>dp, <const double*>yp, <double*>op, n, cap, capped,
-                       n_threads)
+        _relu_grad(dp, yp, op, n, cap, capped, t, n_threads)
 
 
 def moments(cnp.ndarray x, object weights, int n_threads):

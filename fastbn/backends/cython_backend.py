@@ -36,8 +36,6 @@ STREAM_BYTES_VAR = "FASTBN_STREAM_BYTES"
 DEFAULT_STREAM_BYTES = 16 << 20
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
-# What the kernels read as they are (float16 only where noted).
-_KERNEL_DTYPES = (_F32, np.dtype(np.float64))
 
 
 def cpu_has_avx2():
@@ -328,9 +326,10 @@ class CythonBackend(Backend):
         return self._finish(x, y, out)
 
     def relu_grad(self, dy, y, cap, out=None):
-        if not (dy.dtype in _KERNEL_DTYPES and y.dtype == dy.dtype and dy.flags.c_contiguous
-                and y.flags.c_contiguous and (out is None or out.flags.c_contiguous)):
-            # float16 and strided data: NumPy's loops.
+        if not ((dy.dtype != _F16 or self._halves) and y.dtype == dy.dtype
+                and dy.flags.c_contiguous and y.flags.c_contiguous
+                and (out is None or out.flags.c_contiguous)):
+            # Strided data, and float16 in the baseline build: NumPy's loops.
             return super().relu_grad(dy, y, cap, out=out)
         result = np.empty(dy.shape, dy.dtype) if out is None else out
         self._run(self._k.relu_grad, dy.size, dy, y, result, float(cap))
