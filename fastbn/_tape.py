@@ -33,33 +33,14 @@ def recording():
     return _state.tapes
 
 
-# Activations the tape differentiates, from the activation's output y: a factor on dy
-# (computed on the host) ...
-def _sigmoid_grad(y):
-    y = y.astype(np.float64)
-    return y * (1.0 - y)
-
-
-def _tanh_grad(y):
-    y = y.astype(np.float64)
-    return 1.0 - y * y
-
-
-def _elu_grad(y):
-    y = y.astype(np.float64)
-    return np.where(y > 0, 1.0, y + 1.0)
-
-
-ACTIVATION_GRADS = {
-    nn.sigmoid: _sigmoid_grad,
-    nn.tanh: _tanh_grad,
-    nn.elu: _elu_grad,
-}
-# ... or TF's gradient op, which fastbn.nn computes where the data lives:
-# op(dy, y, out=None).
+# The activations the tape differentiates: TF's gradient op of each, which fastbn.nn
+# computes where the data lives, grad(dy, y, out=None) from the activation's output y.
 ACTIVATION_GRAD_OPS = {
     nn.relu: nn.relu_grad,
     nn.relu6: nn.relu6_grad,
+    nn.sigmoid: lambda dy, y, out=None: nn.sigmoid_grad(y, dy, out=out),
+    nn.tanh: lambda dy, y, out=None: nn.tanh_grad(y, dy, out=out),
+    nn.elu: nn.elu_grad,
 }
 
 
@@ -82,24 +63,19 @@ class _Node:
         given = dy
         grad_op = ACTIVATION_GRAD_OPS.get(act)
         if act is not None and grad_op is None:
-            grad_fn = ACTIVATION_GRADS.get(act)
-            if grad_fn is None:
-                name = getattr(act, "__qualname__", None) or repr(act)
-                raise ValueError(
-                    f"GradientTape cannot differentiate through activation_fn={name}: only "
-                    "fastbn.nn.relu, relu6, sigmoid, tanh and elu have known derivatives "
-                    "(apply other activations outside batch_norm)")
-            # (On the host: a device array makes a round trip here.)
-            dy = (_host(dy) * grad_fn(_host(self.output))).astype(self.x.dtype, copy=False)
+            name = getattr(act, "__qualname__", None) or repr(act)
+            raise ValueError(
+                f"GradientTape cannot differentiate through activation_fn={name}: only "
+                "fastbn.nn.relu, relu6, sigmoid, tanh and elu have known derivatives "
+                "(apply other activations outside batch_norm)")
         if on_device:
             dy = _device(dy, self.x.dtype)
         else:
             dy = np.ascontiguousarray(dy, self.x.dtype)
-        # A dy the tape made itself (through the activation's derivative, or a conversion
+        # A dy the tape made itself (through the activation's gradient, or a conversion
         # on the host) is nobody else's: results are written over it, which spares new
         # arrays (whose page faults cost more than the arithmetic on large inputs).
-        made_here = act is not None and grad_op is None or (
-            not on_device and not np.may_share_memory(dy, given))
+        made_here = not on_device and not np.may_share_memory(dy, given)
         if grad_op is not None:
             dy = grad_op(dy, self.output, out=dy if made_here else None)
             made_here = True

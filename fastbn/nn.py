@@ -35,6 +35,9 @@ __all__ = [
     "elu",
     "relu_grad",
     "relu6_grad",
+    "sigmoid_grad",
+    "tanh_grad",
+    "elu_grad",
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -763,43 +766,63 @@ def relu_grad(gradients, features, out=None):
     """TF's ReluGrad: `gradients * (features > 0)`, the gradient through `relu` from its
     output (or its input: the same signs).
 
-    `gradients` and `features` are arrays of one shape and float dtype (host or
-    device); `out`, an array of that shape and dtype to write into (`gradients`
-    itself works).
+    Arrays of one shape and float dtype (host or device); `out`, an array of that
+    shape and dtype to write into (either input itself works).  As every activation
+    gradient here: computed in the data's dtype, as TF does (float16 in float32,
+    rounded once).
     """
-    return _relu_grad(gradients, features, math.inf, out)
+    return _activation_grad("relu", gradients, features, out, "gradients", "features")
 
 
 def relu6_grad(gradients, features, out=None):
     """TF's Relu6Grad: `gradients * ((features > 0) & (features < 6))`, the gradient
     through `relu6` from its output (or its input).  Arguments as `relu_grad`'s."""
-    return _relu_grad(gradients, features, 6.0, out)
+    return _activation_grad("relu6", gradients, features, out, "gradients", "features")
 
 
-def _relu_grad(gradients, features, cap, out):
-    dy = as_float_array(gradients, "gradients")
-    y = as_float_array(features, "features")
+def sigmoid_grad(y, dy, out=None):
+    """TF's SigmoidGrad: `dy * (y * (1 - y))`, the gradient through `sigmoid` from its
+    output y.  Arguments as `relu_grad`'s."""
+    return _activation_grad("sigmoid", dy, y, out, "dy", "y")
+
+
+def tanh_grad(y, dy, out=None):
+    """TF's TanhGrad: `dy * (1 - y * y)`, the gradient through `tanh` from its output y.
+    Arguments as `relu_grad`'s."""
+    return _activation_grad("tanh", dy, y, out, "dy", "y")
+
+
+def elu_grad(gradients, outputs, out=None):
+    """TF's EluGrad: `gradients * (outputs + 1)` where outputs < 0, else `gradients`,
+    the gradient through `elu` from its output.  Arguments as `relu_grad`'s."""
+    return _activation_grad("elu", gradients, outputs, out, "gradients", "outputs")
+
+
+def _activation_grad(kind, gradients, values, out, gradients_name, values_name):
+    dy = as_float_array(gradients, gradients_name)
+    y = as_float_array(values, values_name)
     if tuple(y.shape) != tuple(dy.shape):
-        raise ValueError(f"features must have the shape of gradients {tuple(dy.shape)}, got "
-                         f"{tuple(y.shape)}")
+        raise ValueError(f"{values_name} must have the shape of {gradients_name} "
+                         f"{tuple(dy.shape)}, got {tuple(y.shape)}")
     if np.dtype(y.dtype) != np.dtype(dy.dtype):
-        raise TypeError(f"features must have the dtype of gradients {dy.dtype}, got {y.dtype}")
+        raise TypeError(f"{values_name} must have the dtype of {gradients_name} {dy.dtype}, "
+                        f"got {y.dtype}")
     if is_device_array(dy) != is_device_array(y):
-        raise TypeError("features must live where gradients live (both NumPy, or both on the "
-                        "device)")
+        raise TypeError(f"{values_name} must live where {gradients_name} live (both NumPy, "
+                        "or both on the device)")
     target = None
     if out is not None:
         out = check_out(out, dy)
     if is_device_array(dy):
         # (The device kernel runs over the elements as one flat run.)
-        for a, argument in ((dy, "gradients"), (y, "features"), (out, "out")):
+        for a, argument in ((dy, gradients_name), (y, values_name), (out, "out")):
             if a is not None and not _c_contiguous(a):
                 raise ValueError(f"{argument} must be C-contiguous on the device")
     if out is not None:
         # Elementwise: out may be either input, but not overlap one elsewhere.
         if not (_writes_over(out, dy) or _writes_over(out, y)):
             target = out
-    result = backends.get_for(dy).relu_grad(dy, y, cap, out=target)
+    result = backends.get_for(dy).activation_grad(kind, dy, y, out=target)
     if out is not None and result is not out:
         if is_device_array(out):
             out[...] = result

@@ -357,73 +357,102 @@ def test_variables_are_accepted_as_arrays(backend):
     np.testing.assert_allclose(mean, v.numpy().mean(0), rtol=1e-6)
 
 
-def _relu_grad_reference(dy, y, cap):
-    with np.errstate(invalid="ignore"):
-        return dy * ((y > 0) & ((y < cap) | (cap == np.inf))).astype(dy.dtype)
+def _activation_grad_reference(op, dy, y, ct=None):
+    """TF's formulas in `ct`, by default the compute dtype (float32 for float16), rounded
+    once."""
+    ct = ct or (np.float64 if dy.dtype == np.float64 else np.float32)
+    d, v = dy.astype(ct), y.astype(ct)
+    with np.errstate(invalid="ignore", over="ignore"):
+        g = {"relu_grad": lambda: d * (v > 0), "relu6_grad": lambda: d * ((v > 0) & (v < 6)),
+             "sigmoid_grad": lambda: d * (v * (1 - v)), "tanh_grad": lambda: d * (1 - v * v),
+             "elu_grad": lambda: np.where(v < 0, d * (v + 1), d)}[op]()
+    return g.astype(dy.dtype)
+
+
+def _activation_grad(op, dy, y, **kwargs):
+    args = (y, dy) if op in ("sigmoid_grad", "tanh_grad") else (dy, y)
+    return getattr(nn, op)(*args, **kwargs)
+
+
+def _assert_activation_grad(backend, got, op, dy, y):
+    got = np.asarray(got)
+    if backend.name == "numba_cuda":
+        # float64 arithmetic, rounded once (the device may contract a multiply-add).
+        want = _activation_grad_reference(op, dy, y, np.float64)
+        eps = np.finfo(want.dtype).eps
+        np.testing.assert_allclose(got, want, rtol=eps, atol=eps, equal_nan=True)
+    else:
+        np.testing.assert_array_equal(got, _activation_grad_reference(op, dy, y))
+
+
+ACTIVATION_GRADS = ["relu_grad", "relu6_grad", "sigmoid_grad", "tanh_grad", "elu_grad"]
+SMOOTH_OUTPUTS = {"sigmoid_grad": (0.5, 0.3), "tanh_grad": (0.0, 0.6), "elu_grad": (0.0, 1.5)}
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("op, cap", [("relu_grad", np.inf), ("relu6_grad", 6.0)])
-def test_relu_grads(backend, dtype, op, cap):
+@pytest.mark.parametrize("op", ACTIVATION_GRADS)
+def test_activation_grads(backend, dtype, op):
     # Large enough for the threaded kernels; strided inputs too.
-    y = _data((300, 7, 40), dtype, loc=2.0, scale=4.0, seed=3)
+    loc, scale = SMOOTH_OUTPUTS.get(op, (2.0, 4.0))
+    y = _data((300, 7, 40), dtype, loc=loc, scale=scale, seed=3)
     y.flat[::7] = 0
     y.flat[1::7] = 6
+    y.flat[2::7] = -1
     dy = _data(y.shape, dtype, seed=4)
     saved = (y.copy(), dy.copy())
-    expected = _relu_grad_reference(dy, y, cap)
-    grad = getattr(nn, op)
-    out = grad(dy, y)
+    out = _activation_grad(op, dy, y)
     assert out.dtype == dtype and out.shape == y.shape
-    np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(grad(dy[:, ::2], y[:, ::2]), expected[:, ::2])
-    np.testing.assert_array_equal(grad(dy.tolist(), y.astype(np.float32).tolist()),
-                                  _relu_grad_reference(dy.astype(np.float32),
-                                                       y.astype(np.float32), cap))
+    _assert_activation_grad(backend, out, op, dy, y)
+    _assert_activation_grad(backend, _activation_grad(op, dy[:, ::2], y[:, ::2]), op,
+                            dy[:, ::2], y[:, ::2])
+    d32, y32 = dy.astype(np.float32), y.astype(np.float32)
+    _assert_activation_grad(backend, _activation_grad(op, d32.tolist(), y32.tolist()), op,
+                            d32, y32)
     for a, b in zip((y, dy), saved):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("op", ["relu_grad", "relu6_grad"])
-def test_relu_grads_out(backend, op):
-    grad = getattr(nn, op)
-    cap = 6.0 if op == "relu6_grad" else np.inf
-    y = _data((200, 3, 30), np.float32, loc=2.0, scale=4.0, seed=5)
+@pytest.mark.parametrize("op", ACTIVATION_GRADS)
+def test_activation_grads_out(backend, op):
+    y = _data((200, 3, 30), np.float32, loc=0.5, scale=4.0, seed=5)
     dy = _data(y.shape, np.float32, seed=6)
-    expected = _relu_grad_reference(dy, y, cap)
     out = np.empty_like(dy)
-    assert grad(dy, y, out=out) is out
-    np.testing.assert_array_equal(out, expected)
+    assert _activation_grad(op, dy, y, out=out) is out
+    _assert_activation_grad(backend, out, op, dy, y)
     # Over either input, in place.
     d2, y2 = dy.copy(), y.copy()
-    assert grad(d2, y2, out=d2) is d2
-    np.testing.assert_array_equal(d2, expected)
+    assert _activation_grad(op, d2, y2, out=d2) is d2
+    _assert_activation_grad(backend, d2, op, dy, y)
     d2 = dy.copy()
-    assert grad(d2, y2, out=y2) is y2
-    np.testing.assert_array_equal(y2, expected)
+    assert _activation_grad(op, d2, y2, out=y2) is y2
+    _assert_activation_grad(backend, y2, op, dy, y)
     # Strided, and overlapping an input one element off.
     wide = np.zeros((200, 3, 60), np.float32)
-    assert grad(dy, y, out=wide[:, :, ::2]) is not None
-    np.testing.assert_array_equal(wide[:, :, ::2], expected)
+    assert _activation_grad(op, dy, y, out=wide[:, :, ::2]) is not None
+    _assert_activation_grad(backend, wide[:, :, ::2], op, dy, y)
     np.testing.assert_array_equal(wide[:, :, 1::2], 0)
-    buffer = np.concatenate([dy.ravel(), [0]]).astype(np.float32)
-    shifted = buffer[1:].reshape(dy.shape)
+    buffer = np.zeros(dy.size + 1, np.float32)
     buffer[:-1] = dy.ravel()
-    grad(buffer[:-1].reshape(dy.shape), y, out=shifted)
-    np.testing.assert_array_equal(shifted, expected)
+    shifted = buffer[1:].reshape(dy.shape)
+    _activation_grad(op, buffer[:-1].reshape(dy.shape), y, out=shifted)
+    _assert_activation_grad(backend, shifted, op, dy, y)
 
 
-def test_relu_grad_argument_checks():
+def test_activation_grad_argument_checks():
     y = np.ones((4, 3), np.float32)
     with pytest.raises(ValueError, match="features must have the shape of gradients"):
         nn.relu_grad(np.ones((4, 2), np.float32), y)
+    with pytest.raises(ValueError, match=r"y must have the shape of dy \(4, 2\)"):
+        nn.sigmoid_grad(y, np.ones((4, 2), np.float32))
     with pytest.raises(TypeError, match="features must have the dtype of gradients"):
         nn.relu6_grad(np.ones((4, 3), np.float64), y)
+    with pytest.raises(TypeError, match="outputs must have the dtype of gradients"):
+        nn.elu_grad(np.ones((4, 3), np.float64), y)
     with pytest.raises(TypeError, match="gradients must be a floating-point array"):
         nn.relu_grad(np.ones((4, 3), np.int32), y)
-    with pytest.raises(TypeError, match="features must be a floating-point array"):
-        nn.relu_grad(y, "y")
+    with pytest.raises(TypeError, match="dy must be a floating-point array"):
+        nn.tanh_grad(y, "dy")
     with pytest.raises(ValueError, match="out must have the input's shape"):
         nn.relu_grad(y, y, out=np.ones((3, 4), np.float32))
     with pytest.raises(TypeError, match="out must have the input's dtype"):
-        nn.relu_grad(y, y, out=np.ones((4, 3), np.float64))
+        nn.tanh_grad(y, y, out=np.ones((4, 3), np.float64))

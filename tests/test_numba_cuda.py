@@ -121,34 +121,42 @@ def test_device_out_overlapping_the_input(cuda, shift):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("op, cap", [("relu_grad", np.inf), ("relu6_grad", 6.0)])
-def test_relu_grads_on_device_arrays(cuda, monkeypatch, dtype, op, cap):
-    y = _data((30, 7), seed=3, dtype=dtype) * 3
-    y[0, :4] = [0, 6, -0.0, np.inf]
+@pytest.mark.parametrize("op", ["relu_grad", "relu6_grad", "sigmoid_grad", "tanh_grad",
+                                "elu_grad"])
+def test_activation_grads_on_device_arrays(cuda, monkeypatch, dtype, op):
+    y = _data((30, 7), seed=3, dtype=dtype) / 4
+    y[0, :5] = [0, 6, -0.0, np.inf, 1]
     dy = _data((30, 7), seed=4, dtype=dtype)
     dy[1, :3] = [np.inf, np.nan, -1]
     y[1, :3] = [-1, -1, -1]
-    with np.errstate(invalid="ignore"):
-        ref = dy * ((y > 0) & ((y < cap) | (cap == np.inf))).astype(dtype)
+    with fb.backends.use("numpy"):
+        args = (y, dy) if op in ("sigmoid_grad", "tanh_grad") else (dy, y)
+        ref = getattr(nn, op)(*args)
     d_y, d_dy = cuda.to_device(y), cuda.to_device(dy)
     device_array = type(d_y)
     copies = []
     monkeypatch.setattr(device_array, "copy_to_host",
                         lambda *a, **k: copies.append(a) or pytest.fail("copied to the host"))
     grad = getattr(nn, op)
-    got = grad(d_dy, d_y)
+
+    def call(d_dy, d_y, **kwargs):
+        return grad(*((d_y, d_dy) if op in ("sigmoid_grad", "tanh_grad") else (d_dy, d_y)),
+                    **kwargs)
+
+    got = call(d_dy, d_y)
     d_out = cuda.device_array(y.shape, dtype)
-    assert grad(d_dy, d_y, out=d_out) is d_out
-    assert grad(d_dy, d_y, out=d_dy) is d_dy  # in place
-    with pytest.raises(ValueError, match="gradients must be C-contiguous on the device"):
-        grad(cuda.to_device(_data((30, 14), dtype=dtype))[:, ::2], d_y)
-    with pytest.raises(TypeError, match="features must live where gradients live"):
-        grad(d_out, y)
+    assert call(d_dy, d_y, out=d_out) is d_out
+    assert call(d_dy, d_y, out=d_dy) is d_dy  # in place
+    with pytest.raises(ValueError, match="must be C-contiguous on the device"):
+        call(cuda.to_device(_data((30, 14), dtype=dtype))[:, ::2], d_y)
+    with pytest.raises(TypeError, match="must live where"):
+        call(d_out, y)
     monkeypatch.undo()
     assert copies == []
     assert fb.backends.is_device_array(got) and got.dtype == dtype
+    eps = np.finfo(dtype).eps  # float64 arithmetic here, the compute dtype's on the host
     for result in (got, d_out, d_dy):
-        np.testing.assert_array_equal(_host(result), ref)
+        np.testing.assert_allclose(_host(result), ref, rtol=eps, atol=eps, equal_nan=True)
 
 
 def test_moments_and_gradients_on_device_arrays(cuda):

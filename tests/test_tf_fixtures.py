@@ -134,16 +134,24 @@ def test_nn_op_matches_tensorflow(case, backend):
         outs = [fb.nn.batch_normalization(x, inputs["mean"], inputs["variance"],
                                           inputs["offset"] if p else None,
                                           inputs["scale"] if p else None, case["epsilon"])]
-    elif op in ("relu_grad", "relu6_grad"):
-        out = getattr(fb.nn, op)(inputs["dy"], x)
+    elif op.endswith("_grad") and op != "fused_batch_norm_grad":
+        # TF's activation gradients: (gradients, features/outputs), or (y, dy).
+        dy = inputs["dy"]
+        args = (x, dy) if op in ("sigmoid_grad", "tanh_grad") else (dy, x)
+        out = np.asarray(getattr(fb.nn, op)(*args))
         ref = NN_ARRAYS[f"{case['id']}|out|0"]
-        # Exactly TF's products: NaN where TF has NaN, zeros of TF's sign (a NaN's sign
-        # is the hardware's).
-        out = np.asarray(out)
         assert out.dtype == ref.dtype
-        np.testing.assert_array_equal(out, ref)
         numbers = ~np.isnan(ref)
-        np.testing.assert_array_equal(np.signbit(out[numbers]), np.signbit(ref[numbers]))
+        # TF's bits on the CPU; TF rounds float16 after each operation where fastbn
+        # rounds once, and the CUDA backend computes in float64: an ulp or so there.
+        if op in ("relu_grad", "relu6_grad") or (
+                ref.dtype != np.float16 and backend.name != "numba_cuda"):
+            np.testing.assert_array_equal(out, ref)
+            np.testing.assert_array_equal(np.signbit(out[numbers]), np.signbit(ref[numbers]))
+        else:
+            # (Absolute too: 1 - y * y cancels near y = +-1, in TF's rounding as in ours.)
+            eps = np.finfo(ref.dtype).eps
+            np.testing.assert_allclose(out, ref, rtol=2 * eps, atol=16 * eps, equal_nan=True)
         outs = []
     elif op == "fused_batch_norm_grad":
         outs = fb.nn.fused_batch_norm_grad(

@@ -16,7 +16,7 @@ Run it in a venv of its own (see ../shared/REFERENCE.md):
 It writes tests/fixtures/tf_layer.{json,npz} (layer outputs, variables and
 collections over several steps), tests/fixtures/tf_grad.{json,npz}
 (tf.gradients of the layer) and tests/fixtures/tf_nn.{json,npz} (the nn
-ops, FusedBatchNormGrad, ReluGrad and Relu6Grad included).
+ops, FusedBatchNormGrad and the activations' gradients included).
 """
 
 import json
@@ -183,7 +183,7 @@ def nn_cases():
                 "pshape": [4, 1, 3], "with_params": True, "epsilon": 0.001})
     out.append({"op": "batch_normalization", "shape": [3, 4, 2, 3], "dtype": "float32",
                 "pshape": [], "with_params": True, "epsilon": 0.001})
-    for op in ("relu_grad", "relu6_grad"):
+    for op in ("relu_grad", "relu6_grad", "sigmoid_grad", "tanh_grad", "elu_grad"):
         for dtype in ("float16", "float32", "float64"):
             out.append({"op": op, "shape": [4, 5, 6], "dtype": dtype})
     for i, case in enumerate(out):
@@ -195,6 +195,10 @@ def nn_cases():
 # zero, NaN from infinities).
 GATE_FEATURES = [0.0, -0.0, 6.0, 5.99, 6.01, 1e-30, -1e-30, np.inf, -np.inf, np.nan]
 GATE_GRADIENTS = [-1.5, np.inf, -np.inf, np.nan, -0.0, 0.0]
+# ... and where sigmoid's, tanh's and elu's do.
+SMOOTH_OUTPUTS = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-30, np.inf, -np.inf, np.nan]
+SMOOTH_ACTIVATIONS = {"sigmoid_grad": lambda x: 1 / (1 + np.exp(-x)), "tanh_grad": np.tanh,
+                      "elu_grad": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0)))}
 
 
 def nn_inputs(case):
@@ -223,6 +227,12 @@ def nn_inputs(case):
         x = (rng.standard_normal(shape) * 4 + 1).ravel()
         dy = rng.standard_normal(shape).ravel()
         grid = np.array([(f, g) for f in GATE_FEATURES for g in GATE_GRADIENTS])
+    if case["op"] in SMOOTH_ACTIVATIONS:
+        # x: outputs of the activation (what the op takes), then the special values.
+        x = SMOOTH_ACTIVATIONS[case["op"]](rng.standard_normal(shape) * 3).ravel()
+        dy = rng.standard_normal(shape).ravel()
+        grid = np.array([(f, g) for f in SMOOTH_OUTPUTS for g in GATE_GRADIENTS])
+    if case["op"].endswith("_grad") and case["op"] != "fused_batch_norm_grad":
         x[:len(grid)], dy[:len(grid)] = grid[:, 0], grid[:, 1]
         inputs = {"x": x.reshape(shape).astype(case["dtype"]),
                   "dy": dy.reshape(shape).astype(case["dtype"])}
@@ -262,6 +272,12 @@ def record_nn_case(case, arrays):
             outs = [tf.raw_ops.ReluGrad(gradients=ph["dy"], features=x)]
         elif op == "relu6_grad":
             outs = [tf.raw_ops.Relu6Grad(gradients=ph["dy"], features=x)]
+        elif op == "sigmoid_grad":
+            outs = [tf.raw_ops.SigmoidGrad(y=x, dy=ph["dy"])]
+        elif op == "tanh_grad":
+            outs = [tf.raw_ops.TanhGrad(y=x, dy=ph["dy"])]
+        elif op == "elu_grad":
+            outs = [tf.raw_ops.EluGrad(gradients=ph["dy"], outputs=x)]
         elif op == "batch_normalization":
             with_params = case["with_params"]
             outs = [tf.nn.batch_normalization(

@@ -21,7 +21,7 @@
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange, parallel
-from libc.math cimport INFINITY, sqrt
+from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
@@ -221,6 +221,65 @@ cdef extern from *:
     void fastbn_grad_halves(const unsigned short* x, const unsigned short* dy,
                             unsigned short* dx, Py_ssize_t n, const float* m, const float* k,
                             const float* b, const float* a, int per_value) noexcept nogil
+
+cdef extern from *:
+    """
+    /* The gradients through fastbn's activations from their outputs y, as TF's
+       ReluGrad, Relu6Grad, SigmoidGrad, TanhGrad and EluGrad compute them; kinds in the
+       order of fastbn.backends.base.ACTIVATIONS, with TF's bits: tanh's 1 - y * y is
+       not contracted into one rounding (the only multiply-add among them). */
+    #if defined(__GNUC__) && !defined(__clang__)
+    #define FASTBN_TF_ROUNDING __attribute__((optimize("fp-contract=off")))
+    /* GCC turns a choice between floating-point values into a vector blend only where
+       it may assume no floating-point trap (clang does by default); no kernel reads the
+       exception flags. */
+    #define FASTBN_BLENDS __attribute__((optimize("no-trapping-math")))
+    #else
+    #define FASTBN_TF_ROUNDING
+    #define FASTBN_BLENDS
+    #endif
+    /* Products where TF multiplies: dy * 0 is NaN for an infinite or NaN dy. */
+    #define FASTBN_ACTIVATION_GRAD(T, NAME)                                              \
+    static FASTBN_TF_ROUNDING void NAME##_tanh(const T* dy, const T* y, T* out,          \
+                                               Py_ssize_t n) {                          \
+        Py_ssize_t i;                                                                  \
+        const T one = 1;                                                               \
+        for (i = 0; i < n; i++) out[i] = dy[i] * (one - y[i] * y[i]);                  \
+    }                                                                                  \
+    static FASTBN_BLENDS void NAME(const T* dy, const T* y, T* out, Py_ssize_t n,       \
+                                  int kind) {                                          \
+        Py_ssize_t i;                                                                  \
+        const T one = 1, zero = 0, six = 6;                                            \
+        T v, t;                                                                        \
+        switch (kind) {                                                                \
+        case 0:                                                                        \
+            for (i = 0; i < n; i++) out[i] = dy[i] * (y[i] > zero ? one : zero);       \
+            break;                                                                     \
+        case 1:                                                                        \
+            for (i = 0; i < n; i++)                                                    \
+                out[i] = dy[i] * ((y[i] > zero) & (y[i] < six) ? one : zero);          \
+            break;                                                                     \
+        case 2:                                                                        \
+            for (i = 0; i < n; i++) out[i] = dy[i] * (y[i] * (one - y[i]));            \
+            break;                                                                     \
+        case 3:                                                                        \
+            NAME##_tanh(dy, y, out, n);                                                \
+            break;                                                                     \
+        default:                                                                       \
+            for (i = 0; i < n; i++) {                                                  \
+                v = y[i];                                                              \
+                t = v + one;                                                           \
+                out[i] = dy[i] * (v < zero ? t : one);                                 \
+            }                                                                          \
+        }                                                                              \
+    }
+    FASTBN_ACTIVATION_GRAD(float, fastbn_activation_grad_f32)
+    FASTBN_ACTIVATION_GRAD(double, fastbn_activation_grad_f64)
+    """
+    void fastbn_activation_grad_f32(const float* dy, const float* y, float* out, Py_ssize_t n,
+                                    int kind) noexcept nogil
+    void fastbn_activation_grad_f64(const double* dy, const double* y, double* out,
+                                    Py_ssize_t n, int kind) noexcept nogil
 
 ctypedef fused floating:
     float
@@ -1588,23 +1647,10 @@ def floats_to_halves(cnp.ndarray src, cnp.ndarray dst, int n_threads):
         _convert(s, d, n, False, n_threads)
 
 
-cdef inline void _relu_grad_range(const floating* dy, const floating* y, floating* out,
-                                  Py_ssize_t lo, Py_ssize_t hi, floating cap,
-                                  bint capped) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating one = 1, zero = 0, v
-    cdef bint uncapped = not capped
-    for i in range(lo, hi):
-        v = y[i]
-        # A product, not a choice: dy * 0 is NaN for an infinite or NaN dy, as in TF.
-        out[i] = dy[i] * (one if (v > zero) & ((v < cap) | uncapped) else zero)
-
-
-cdef void _relu_grad_halves(const unsigned short* dy, const unsigned short* y,
-                            unsigned short* out, Py_ssize_t lo, Py_ssize_t hi, float cap,
-                            bint capped) noexcept nogil:
-    """_relu_grad_range of float16 data (F16C builds), a piece at a time in float32: the
-    product (dy or a zero) is exact, so rounding it back gives NumPy's and TF's bits."""
+cdef void _activation_grad_halves(const unsigned short* dy, const unsigned short* y,
+                                 unsigned short* out, Py_ssize_t lo, Py_ssize_t hi,
+                                 int kind) noexcept nogil:
+    """The float32 gradient of float16 data (F16C builds), a piece at a time, rounded once."""
     cdef float bd[SUMS_PIECE]
     cdef float by[SUMS_PIECE]
     cdef Py_ssize_t i = lo, n
@@ -1612,59 +1658,61 @@ cdef void _relu_grad_halves(const unsigned short* dy, const unsigned short* y,
         n = hi - i if hi - i < SUMS_PIECE else SUMS_PIECE
         fastbn_halves_to_floats(dy + i, bd, n)
         fastbn_halves_to_floats(y + i, by, n)
-        _relu_grad_range(<const float*>bd, <const float*>by, bd, 0, n, cap, capped)
+        fastbn_activation_grad_f32(bd, by, bd, n, kind)
         fastbn_floats_to_halves(bd, out + i, n)
         i += n
 
 
-cdef inline void _relu_grad_part(const void* dy, const void* y, void* out, Py_ssize_t lo,
-                                 Py_ssize_t hi, double cap, bint capped,
-                                 int typenum) noexcept nogil:
+cdef inline void _activation_grad_part(const char* dy, const char* y, char* out,
+                                       Py_ssize_t lo, Py_ssize_t hi, int kind,
+                                       int typenum) noexcept nogil:
     if typenum == cnp.NPY_FLOAT32:
-        _relu_grad_range(<const float*>dy, <const float*>y, <float*>out, lo, hi, <float>cap,
-                         capped)
+        fastbn_activation_grad_f32(<const float*>dy + lo, <const float*>y + lo,
+                                   <float*>out + lo, hi - lo, kind)
     elif typenum == cnp.NPY_FLOAT64:
-        _relu_grad_range(<const double*>dy, <const double*>y, <double*>out, lo, hi, cap,
-                         capped)
+        fastbn_activation_grad_f64(<const double*>dy + lo, <const double*>y + lo,
+                                   <double*>out + lo, hi - lo, kind)
     else:
-        _relu_grad_halves(<const unsigned short*>dy, <const unsigned short*>y,
-                          <unsigned short*>out, lo, hi, <float>cap, capped)
+        _activation_grad_halves(<const unsigned short*>dy, <const unsigned short*>y,
+                                <unsigned short*>out, lo, hi, kind)
 
 
-cdef void _relu_grad(const void* dy, const void* y, void* out, Py_ssize_t n, double cap,
-                     bint capped, int typenum, int n_threads) noexcept nogil:
+cdef void _activation_grad(const char* dy, const char* y, char* out, Py_ssize_t n, int kind,
+                           int typenum, int n_threads) noexcept nogil:
     cdef Py_ssize_t pieces = (n + BLOCK - 1) // BLOCK, p, lo, hi
     cdef int nt = _threads(n, n_threads)
     if nt == 1:
-        _relu_grad_part(dy, y, out, 0, n, cap, capped, typenum)
+        _activation_grad_part(dy, y, out, 0, n, kind, typenum)
         return
     for p in prange(pieces, schedule="static", num_threads=nt):
         lo = p * BLOCK
         hi = lo + BLOCK if lo + BLOCK < n else n
-        _relu_grad_part(dy, y, out, lo, hi, cap, capped, typenum)
+        _activation_grad_part(dy, y, out, lo, hi, kind, typenum)
 
 
-def relu_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, double cap, int n_threads):
-    """out = dy * (0 < y < cap), elementwise: the gradient through min(max(., 0), cap)
-    (relu6: cap 6) from its output y; cap inf for relu, where y = inf passes too, as in
-    TF.  C-contiguous arrays of one dtype and size: float32, float64, or float16 where
-    f16c_enabled(); out may be dy or y."""
-    cdef bint capped = cap != INFINITY
+def activation_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, int kind, int n_threads):
+    """out = the gradient through activation `kind` (0 relu, 1 relu6, 2 sigmoid, 3 tanh,
+    4 elu) given the output gradient dy and the activation's output y, elementwise, as
+    TF's ReluGrad ... EluGrad; float16 in float32, rounded once.  C-contiguous arrays
+    of one dtype and size: float32, float64, or float16 where f16c_enabled(); out may
+    be dy or y."""
     cdef int t = cnp.PyArray_TYPE(dy)
     if not (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64
             or (t == cnp.NPY_FLOAT16 and fastbn_have_f16c())):
         raise TypeError("dy must be float32 or float64 (or float16 in a build with F16C)")
+    if kind < 0 or kind > 4:
+        raise ValueError(f"kind must be 0 to 4, got {kind}")
     _require(dy, t, "dy")
     _require(y, t, "y")
     _require(out, t, "out")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(dy)
     if cnp.PyArray_SIZE(y) != n or cnp.PyArray_SIZE(out) != n:
-        raise ValueError("relu_grad: dy, y and out must have the same size")
-    cdef void* dp = cnp.PyArray_DATA(dy)
-    cdef void* yp = cnp.PyArray_DATA(y)
-    cdef void* op = cnp.PyArray_DATA(out)
+        raise ValueError("activation_grad: dy, y and out must have the same size")
+    cdef const char* dp = <const char*>cnp.PyArray_DATA(dy)
+    cdef const char* yp = <const char*>cnp.PyArray_DATA(y)
+    cdef char* op = <char*>cnp.PyArray_DATA(out)
     with nogil:
-        _relu_grad(dp, yp, op, n, cap, capped, t, n_threads)
+        _activation_grad(dp, yp, op, n, kind, t, n_threads)
 
 
 def moments(cnp.ndarray x, object weights, int n_threads):

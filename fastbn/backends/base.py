@@ -93,6 +93,11 @@ _COMPUTE_DTYPES = {np.dtype(np.float16): np.dtype(np.float32),
                    np.dtype(np.float64): np.dtype(np.float64)}
 
 
+# The activations whose gradients the backends compute (activation_grad), in the order
+# of the Cython kernel's codes.
+ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh", "elu")
+
+
 def compute_dtype(dtype):
     """float64 for float64 data, float32 for float16 and float32 data."""
     found = _COMPUTE_DTYPES.get(dtype)
@@ -154,15 +159,31 @@ class Backend:
         """
         raise NotImplementedError
 
-    def relu_grad(self, dy, y, cap, out=None):
-        """`dy * (0 < y < cap)` elementwise: the gradient through min(max(., 0), cap)
-        (relu6: cap 6) from its output `y`, of dy's shape and dtype; cap inf for relu,
-        where y = inf passes too, as in TF.  `out` may be dy or y itself."""
-        with np.errstate(invalid="ignore"):
-            passes = y > 0
-            if cap != np.inf:
-                passes &= y < cap
-            return np.multiply(dy, passes, out=out)
+    def activation_grad(self, kind, dy, y, out=None):
+        """The gradient through activation `kind` (one of ACTIVATIONS) given the output
+        gradient `dy` and the activation's output `y`, elementwise, as TF's ReluGrad,
+        Relu6Grad, SigmoidGrad, TanhGrad and EluGrad compute it (float16 in float32,
+        rounded once); of dy's shape and dtype.  `out` may be dy or y itself."""
+        ct = compute_dtype(dy.dtype)
+        d, v = dy.astype(ct, copy=False), y.astype(ct, copy=False)
+        one = ct.type(1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if kind == "relu":
+                g = d * (v > 0)
+            elif kind == "relu6":
+                g = d * ((v > 0) & (v < 6))
+            elif kind == "sigmoid":
+                g = d * (v * (one - v))
+            elif kind == "tanh":
+                g = d * (one - v * v)
+            elif kind == "elu":
+                g = np.where(v < 0, d * (v + one), d)
+            else:
+                raise ValueError(f"kind must be one of {ACTIVATIONS}, got {kind!r}")
+        if out is None:
+            return g.astype(dy.dtype, copy=False)
+        np.copyto(out, g, casting="unsafe")
+        return out
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
         """Batch statistics and the output normalized with them, in one call.

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable, environ_get, position_weights, usable_cores
+from .base import (ACTIVATIONS, Backend, BackendUnavailable, environ_get, position_weights,
+                   usable_cores)
 
 NUM_THREADS_VAR = "FASTBN_NUM_THREADS"
 DISPATCH_VAR = "FASTBN_CPU_DISPATCH"
@@ -325,14 +326,14 @@ class CythonBackend(Backend):
             np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk))
         return self._finish(x, y, out)
 
-    def relu_grad(self, dy, y, cap, out=None):
+    def activation_grad(self, kind, dy, y, out=None):
         if not ((dy.dtype != _F16 or self._halves) and y.dtype == dy.dtype
                 and dy.flags.c_contiguous and y.flags.c_contiguous
                 and (out is None or out.flags.c_contiguous)):
             # Strided data, and float16 in the baseline build: NumPy's loops.
-            return super().relu_grad(dy, y, cap, out=out)
+            return super().activation_grad(kind, dy, y, out=out)
         result = np.empty(dy.shape, dy.dtype) if out is None else out
-        self._run(self._k.relu_grad, dy.size, dy, y, result, float(cap))
+        self._run(self._k.activation_grad, dy.size, dy, y, result, ACTIVATIONS.index(kind))
         return result
 
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):

@@ -37,7 +37,8 @@ import warnings
 import numpy as np
 
 from . import as_numba_array, is_device_array
-from .base import Backend, BackendUnavailable, compute_dtype, environ_get, position_weights
+from .base import (ACTIVATIONS, Backend, BackendUnavailable, compute_dtype, environ_get,
+                   position_weights)
 
 SIMULATOR_VAR = "NUMBA_ENABLE_CUDASIM"
 # FASTBN_CUDA_DIRECT_LAUNCH=0: every launch through Numba (see DirectLaunches).
@@ -329,15 +330,24 @@ def stage(source, target):
 
 
 @_jit
-def relu_grad(dy, y, out, cap, capped, zero):
-    """out = dy * (0 < y < cap) over 1-D arrays, without the upper bound unless `capped`
-    (`zero` is 0 in the compute dtype)."""
+def activation_grad(dy, y, out, kind):
+    """out = the gradient through activation `kind` (its index in ACTIVATIONS) from its
+    output y, over 1-D arrays.  The arithmetic is float64, rounded once: under the
+    simulator NumPy scalars in the data's dtype would warn of inf * 0."""
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        v = y[i]
-        d = dy[i]
-        # A product where it is 0: NaN for an infinite or NaN dy, as in TF (in float64:
-        # under the simulator a NumPy scalar's inf * 0 would warn).
-        out[i] = d if v > zero and (v < cap or not capped) else float(d) * 0.0
+        v = float(y[i])
+        d = float(dy[i])
+        if kind == 0:
+            g = d * (1.0 if v > 0.0 else 0.0)
+        elif kind == 1:
+            g = d * (1.0 if v > 0.0 and v < 6.0 else 0.0)
+        elif kind == 2:
+            g = d * (v * (1.0 - v))
+        elif kind == 3:
+            g = d * (1.0 - v * v)
+        else:
+            g = d * (v + 1.0) if v < 0.0 else d
+        out[i] = g
 
 
 @_device
@@ -465,7 +475,7 @@ def _affine_kernels(kind, has_dy):
 
 
 KERNELS = {"rows_sums": rows_sums, "runs_sums": runs_sums, "combine": combine, "stage": stage,
-           "relu_grad": relu_grad,
+           "activation_grad": activation_grad,
            **_affine_kernels("normalize", False), **_affine_kernels("grad", True)}
 
 # Launch configurations kept (Numba builds one per launch otherwise); beyond this
@@ -774,16 +784,15 @@ class NumbaCudaBackend(Backend):
             self._wait()
         return self._finish_output(d_out, x, on_host, out)
 
-    def relu_grad(self, dy, y, cap, out=None):
+    def activation_grad(self, kind, dy, y, out=None):
         d_dy, on_host = self._compute_input(dy)
         d_y = self._compute_input(y)[0]
         d_out = self._output(d_dy, out)
         if d_dy.size:
-            ct = compute_dtype(d_dy.dtype).type
             threads = CHANNELS_PER_BLOCK * ROW_THREADS
             blocks = max(1, min(math.ceil(d_dy.size / threads), ELEMENTWISE_BLOCKS))
-            self._run("relu_grad", blocks, threads, *(_flat(a) for a in (d_dy, d_y, d_out)),
-                      ct(cap), bool(cap != math.inf), ct(0))
+            self._run("activation_grad", blocks, threads,
+                      *(_flat(a) for a in (d_dy, d_y, d_out)), ACTIVATIONS.index(kind))
             self._wait()
         return self._finish_output(d_out, dy, on_host, out)
 
