@@ -49,7 +49,8 @@ def summarize(args):
         except (OSError, ValueError) as err:
             raise SystemExit(f"cannot read a bench report from {path}: {err}") from None
     try:
-        print(bench_module.summary(reports, side=args.side, against=args.against))
+        ops = args.ops.split(",") if args.ops else ("train", "infer", "backward")
+        print(bench_module.summary(reports, side=args.side, against=args.against, ops=ops))
     except ValueError as err:
         raise SystemExit(f"summarize: {err}") from None
     return 0
@@ -80,6 +81,8 @@ def main(argv=None):
     t.add_argument("--side", default=None,
                    help="the fastbn backend to report (default: the first but numpy)")
     t.add_argument("--against", default="torch", help="the side to compare it with")
+    t.add_argument("--ops", default=None,
+                   help="comma-separated ops to show (default: train,infer,backward)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args)

@@ -402,8 +402,9 @@ def table(report):
 
 def summary(reports, side=None, against="torch", ops=("train", "infer", "backward")):
     """A Markdown table over several runs' reports (as `--json` writes them): per case and
-    op, `side`'s and `against`'s medians over the runs' medians (ms), `side`'s speed-up
-    over `against` (median, and its range over the runs) and its share of the roofline.
+    op of `ops` (those the reports measured), `side`'s and `against`'s medians over the
+    runs' medians (ms), `side`'s speed-up over `against` (median, and its range over the
+    runs) and its share of the roofline.
 
     `side` defaults to the first fastbn backend in the reports other than numpy.
     """
@@ -423,6 +424,9 @@ def summary(reports, side=None, against="torch", ops=("train", "infer", "backwar
         if value not in sides:
             raise ValueError(f"{argument} must be a side the reports measured ({', '.join(sides)}),"
                              f" got {value!r}")
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"ops must be among {', '.join(OPS)}, got {', '.join(unknown)}")
     cases = list(dict.fromkeys(r["case"] for r in results))
     ops = [op for op in ops if any(r["op"] == op for r in results)]
     runs = [{(r["case"], r["side"], r["op"]): r for r in report["results"]}

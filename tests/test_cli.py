@@ -148,3 +148,7 @@ def test_summarize_command_reads_bench_json(tmp_path, capsys):
         main(["summarize", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="against must be a side"):
         main(["summarize", paths[0], "--against", "tf"])
+    assert main(["summarize", *paths, "--ops", "tape_relu,infer"]) == 0
+    assert "| case | infer | torch | x | R |" in capsys.readouterr().out  # (measured ops only)
+    with pytest.raises(SystemExit, match="ops must be among train, infer"):
+        main(["summarize", *paths, "--ops", "inference"])
