@@ -114,6 +114,28 @@ class Layer(Benchmark):
             tape.gradient(y, [self.x], output_gradients=self.dy)
 
 
+class ActivationGradients(Benchmark):
+    """The gradients through the activations (TF's ReluGrad, TanhGrad), which the tape
+    takes before the backward."""
+
+    def setup(self, backend, case):
+        super().setup(backend, case)
+        self.y_relu = np.maximum(self.x, 0)
+        self.y_tanh = np.tanh(self.x)
+
+    def time_relu_grad(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.relu_grad(self.dy, self.y_relu, out=self.out)
+
+    def time_tanh_grad(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.tanh_grad(self.y_tanh, self.dy, out=self.out)
+
+    def track_tanh_grad_checksum(self, backend, case):
+        with fastbn.backends.use(backend):
+            return checksum(fastbn.nn.tanh_grad(self.y_tanh, self.dy))
+
+
 class _Float16Data:
     """The same benchmarks on float16 data, with float32 parameters as TF takes them."""
 
