@@ -334,16 +334,25 @@ def test_nothing_the_caller_owns_is_modified(backend):
         np.testing.assert_array_equal(after, before)
 
 
-def test_activations():
-    x = np.array([-2.0, -0.5, 0.0, 0.5, 7.0], np.float32)
-    np.testing.assert_array_equal(nn.relu(x), [0, 0, 0, 0.5, 7])
-    np.testing.assert_array_equal(nn.relu6(x), [0, 0, 0, 0.5, 6])
-    np.testing.assert_allclose(nn.sigmoid(x), 1 / (1 + np.exp(-x.astype(np.float64))), rtol=1e-6)
-    assert nn.sigmoid(np.array([-1000.0, 1000.0])).tolist() == [0.0, 1.0]
-    np.testing.assert_allclose(nn.tanh(x), np.tanh(x))
-    np.testing.assert_allclose(nn.elu(x), np.where(x > 0, x, np.expm1(x)), rtol=1e-6)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_activations(backend, dtype):
+    x = np.array([-2.0, -0.5, 0.0, 0.5, 7.0, -0.0, np.nan], dtype)
+    # -0.0 and NaN pass relu, relu6 and elu unchanged, as in TF and the fused kernels.
+    for fn, want in ((nn.relu, [0, 0, 0, 0.5, 7, -0.0, np.nan]),
+                     (nn.relu6, [0, 0, 0, 0.5, 6, -0.0, np.nan]),
+                     (nn.elu, [np.expm1(-2.0), np.expm1(-0.5), 0, 0.5, 7, -0.0, np.nan])):
+        got = np.asarray(fn(x))
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, np.array(want, dtype), rtol=RTOL[dtype])
+        np.testing.assert_array_equal(np.signbit(got[:6]), np.signbit(np.array(want[:6])))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(nn.sigmoid(x), 1 / (1 + np.exp(-x64)), rtol=RTOL[dtype])
+    assert np.asarray(nn.sigmoid(np.array([-1000.0, 1000.0]))).tolist() == [0.0, 1.0]
+    np.testing.assert_allclose(nn.tanh(x), np.tanh(x64), rtol=RTOL[dtype])
     for fn in (nn.relu, nn.relu6, nn.sigmoid, nn.tanh, nn.elu):
-        assert fn(x).dtype == np.float32
+        assert np.asarray(fn(x)).dtype == dtype
+    with pytest.raises(TypeError, match="features must be a floating-point array"):
+        nn.relu("x")
 
 
 def test_python_lists_are_float32():

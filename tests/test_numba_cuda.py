@@ -159,6 +159,30 @@ def test_activation_grads_on_device_arrays(cuda, monkeypatch, dtype, op):
         np.testing.assert_allclose(_host(result), ref, rtol=eps, atol=eps, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_activations_and_the_layer_keep_device_arrays_on_the_device(cuda, monkeypatch, dtype):
+    x = _data((40, 6), seed=5, dtype=dtype)
+    x[0, :3] = [-0.0, np.nan, 7]
+    d_x = cuda.to_device(x)
+    device_array = type(d_x)
+    monkeypatch.setattr(device_array, "copy_to_host",
+                        lambda *a, **k: pytest.fail("copied to the host"))
+    results = {fn: fn(d_x) for fn in (nn.relu, nn.relu6, nn.sigmoid, nn.tanh, nn.elu)}
+    layers = [fb.batch_norm(d_x, activation_fn=fn, scope=fn.__name__)
+              for fn in (nn.relu6, nn.sigmoid, nn.tanh, nn.elu)]
+    with pytest.raises(ValueError, match="x must be C-contiguous on the device"):
+        nn.tanh(cuda.to_device(_data((40, 12), dtype=dtype))[:, ::2])
+    monkeypatch.undo()
+    eps = np.finfo(dtype).eps  # float64 arithmetic, rounded once
+    with fb.backends.use("numpy"):
+        for fn, got in results.items():
+            assert fb.backends.is_device_array(got) and got.dtype == dtype
+            want = fn(x)
+            np.testing.assert_allclose(_host(got), want, rtol=2 * eps, atol=eps, equal_nan=True)
+            np.testing.assert_array_equal(np.signbit(_host(got)[0, 0]), np.signbit(want[0, 0]))
+    assert all(fb.backends.is_device_array(y) and y.dtype == dtype for y in layers)
+
+
 def test_moments_and_gradients_on_device_arrays(cuda):
     x = _data((6, 4))
     dy = _data((6, 4), seed=1)

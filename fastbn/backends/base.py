@@ -159,6 +159,29 @@ class Backend:
         """
         raise NotImplementedError
 
+    def activation(self, kind, x):
+        """The activation `kind` (one of ACTIVATIONS) of x, elementwise, a new array of x's
+        shape and dtype (float16 computed in float32, rounded once)."""
+        ct = compute_dtype(x.dtype)
+        v = x.astype(ct, copy=False)
+        zero = ct.type(0)
+        # As TF's (and the fused kernels'): -0.0 and NaN pass relu unchanged.
+        if kind == "relu":
+            y = np.where(v < 0, zero, v)
+        elif kind == "relu6":
+            y = np.where(v < 0, zero, np.where(v > 6, ct.type(6), v))
+        elif kind == "sigmoid":
+            # exp of a non-positive value only: no overflow for large |x|.
+            e = np.exp(-np.abs(v))
+            y = np.where(v >= 0, 1 / (1 + e), e / (1 + e))
+        elif kind == "tanh":
+            y = np.tanh(v)
+        elif kind == "elu":
+            y = np.where(v < 0, np.expm1(np.minimum(v, zero)), v)
+        else:
+            raise ValueError(f"kind must be one of {ACTIVATIONS}, got {kind!r}")
+        return y.astype(x.dtype, copy=False)
+
     def activation_grad(self, kind, dy, y, out=None):
         """The gradient through activation `kind` (one of ACTIVATIONS) given the output
         gradient `dy` and the activation's output `y`, elementwise, as TF's ReluGrad,

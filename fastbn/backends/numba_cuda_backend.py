@@ -330,6 +330,26 @@ def stage(source, target):
 
 
 @_jit
+def activation(x, y, kind):
+    """y = the activation `kind` (its index in ACTIVATIONS) of x, over 1-D arrays, in
+    float64 rounded once; -0.0 and NaN pass relu and elu unchanged, as in TF."""
+    for i in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        v = float(x[i])
+        if kind == 0 or kind == 1:
+            r = 0.0 if v < 0.0 else v
+            if kind == 1 and r > 6.0:
+                r = 6.0
+        elif kind == 2:
+            e = math.exp(-abs(v))
+            r = 1.0 / (1.0 + e) if v >= 0.0 else e / (1.0 + e)
+        elif kind == 3:
+            r = math.tanh(v)
+        else:
+            r = math.expm1(v) if v < 0.0 else v
+        y[i] = r
+
+
+@_jit
 def activation_grad(dy, y, out, kind):
     """out = the gradient through activation `kind` (its index in ACTIVATIONS) from its
     output y, over 1-D arrays.  The arithmetic is float64, rounded once: under the
@@ -475,7 +495,7 @@ def _affine_kernels(kind, has_dy):
 
 
 KERNELS = {"rows_sums": rows_sums, "runs_sums": runs_sums, "combine": combine, "stage": stage,
-           "activation_grad": activation_grad,
+           "activation": activation, "activation_grad": activation_grad,
            **_affine_kernels("normalize", False), **_affine_kernels("grad", True)}
 
 # Launch configurations kept (Numba builds one per launch otherwise); beyond this
@@ -784,14 +804,26 @@ class NumbaCudaBackend(Backend):
             self._wait()
         return self._finish_output(d_out, x, on_host, out)
 
+    def activation(self, kind, x):
+        d_x, on_host = self._compute_input(x)
+        d_y = self._cuda.device_array(d_x.shape, d_x.dtype)
+        if d_x.size:
+            self._run("activation", *self._flat_launch(d_x), _flat(d_x), _flat(d_y),
+                      ACTIVATIONS.index(kind))
+            self._wait()
+        return self._finish_output(d_y, x, on_host, None)
+
+    def _flat_launch(self, d_x):
+        """(grid, block) of an elementwise kernel over d_x as one flat run."""
+        threads = CHANNELS_PER_BLOCK * ROW_THREADS
+        return max(1, min(math.ceil(d_x.size / threads), ELEMENTWISE_BLOCKS)), threads
+
     def activation_grad(self, kind, dy, y, out=None):
         d_dy, on_host = self._compute_input(dy)
         d_y = self._compute_input(y)[0]
         d_out = self._output(d_dy, out)
         if d_dy.size:
-            threads = CHANNELS_PER_BLOCK * ROW_THREADS
-            blocks = max(1, min(math.ceil(d_dy.size / threads), ELEMENTWISE_BLOCKS))
-            self._run("activation_grad", blocks, threads,
+            self._run("activation_grad", *self._flat_launch(d_dy),
                       *(_flat(a) for a in (d_dy, d_y, d_out)), ACTIVATIONS.index(kind))
             self._wait()
         return self._finish_output(d_out, dy, on_host, out)
