@@ -134,6 +134,19 @@ def test_nn_op_matches_tensorflow(case, backend):
         outs = [fb.nn.batch_normalization(x, inputs["mean"], inputs["variance"],
                                           inputs["offset"] if p else None,
                                           inputs["scale"] if p else None, case["epsilon"])]
+    elif op in ("relu", "relu6", "sigmoid", "tanh", "elu"):
+        out = np.asarray(getattr(fb.nn, op)(x))
+        ref = NN_ARRAYS[f"{case['id']}|out|0"]
+        assert out.dtype == ref.dtype
+        numbers = ~np.isnan(ref)
+        if op in ("relu", "relu6"):  # exact, zeros' signs included
+            np.testing.assert_array_equal(out, ref)
+        else:  # TF's own approximations of exp and tanh (Eigen's), NumPy's here
+            rtol, atol = tolerance(case["dtype"])
+            np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol, equal_nan=True)
+        zeros = numbers & (ref == 0) & (out == 0)  # (TF's elu(-1e-30) is 0, NumPy's not)
+        np.testing.assert_array_equal(np.signbit(out[zeros]), np.signbit(ref[zeros]))
+        outs = []
     elif op.endswith("_grad") and op != "fused_batch_norm_grad":
         # TF's activation gradients: (gradients, features/outputs), or (y, dy).
         dy = inputs["dy"]

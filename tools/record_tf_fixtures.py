@@ -186,6 +186,9 @@ def nn_cases():
     for op in ("relu_grad", "relu6_grad", "sigmoid_grad", "tanh_grad", "elu_grad"):
         for dtype in ("float16", "float32", "float64"):
             out.append({"op": op, "shape": [4, 5, 6], "dtype": dtype})
+    for op in ("relu", "relu6", "sigmoid", "tanh", "elu"):
+        for dtype in ("float16", "float32", "float64"):
+            out.append({"op": op, "shape": [4, 5, 6], "dtype": dtype})
     for i, case in enumerate(out):
         case["id"] = f"{case['op']}-{i}"
     return out
@@ -195,7 +198,10 @@ def nn_cases():
 # zero, NaN from infinities).
 GATE_FEATURES = [0.0, -0.0, 6.0, 5.99, 6.01, 1e-30, -1e-30, np.inf, -np.inf, np.nan]
 GATE_GRADIENTS = [-1.5, np.inf, -np.inf, np.nan, -0.0, 0.0]
-# ... and where sigmoid's, tanh's and elu's do.
+# Where the activations themselves change, and what they do with zeros and NaN.
+ACTIVATION_INPUTS = [0.0, -0.0, 6.0, 5.99, 6.01, 1e-30, -1e-30, 20.0, -20.0, 1e4, -1e4,
+                     np.inf, -np.inf, np.nan]
+# ... and where sigmoid's, tanh's and elu's gradients do.
 SMOOTH_OUTPUTS = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-30, np.inf, -np.inf, np.nan]
 SMOOTH_ACTIVATIONS = {"sigmoid_grad": lambda x: 1 / (1 + np.exp(-x)), "tanh_grad": np.tanh,
                       "elu_grad": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0)))}
@@ -232,6 +238,10 @@ def nn_inputs(case):
         x = SMOOTH_ACTIVATIONS[case["op"]](rng.standard_normal(shape) * 3).ravel()
         dy = rng.standard_normal(shape).ravel()
         grid = np.array([(f, g) for f in SMOOTH_OUTPUTS for g in GATE_GRADIENTS])
+    if case["op"] in ACTIVATIONS:
+        x = (rng.standard_normal(shape) * 4).ravel()
+        x[:len(ACTIVATION_INPUTS)] = ACTIVATION_INPUTS
+        inputs = {"x": x.reshape(shape).astype(case["dtype"])}
     if case["op"].endswith("_grad") and case["op"] != "fused_batch_norm_grad":
         x[:len(grid)], dy[:len(grid)] = grid[:, 0], grid[:, 1]
         inputs = {"x": x.reshape(shape).astype(case["dtype"]),
@@ -268,6 +278,8 @@ def record_nn_case(case, arrays):
             outs = tf1.nn.moments(x, case["axes"], keep_dims=case["keepdims"])
         elif op == "weighted_moments":
             outs = tf1.nn.weighted_moments(x, case["axes"], ph["w"], keep_dims=case["keepdims"])
+        elif op in ACTIVATIONS:
+            outs = [ACTIVATIONS[op](x)]
         elif op == "relu_grad":
             outs = [tf.raw_ops.ReluGrad(gradients=ph["dy"], features=x)]
         elif op == "relu6_grad":

@@ -162,21 +162,22 @@ class Backend:
     def activation(self, kind, x):
         """The activation `kind` (one of ACTIVATIONS) of x, elementwise, a new array of x's
         shape and dtype (float16 computed in float32, rounded once)."""
+        if kind in ("relu", "relu6"):
+            # In x's dtype, exact: NaN passes, and max(-0.0, 0) is +0.0 in float32 and
+            # float64 but -0.0 in float16, in NumPy's loops as in TF's (checked).
+            y = np.maximum(x, x.dtype.type(0))
+            return y if kind == "relu" else np.minimum(y, x.dtype.type(6))
         ct = compute_dtype(x.dtype)
         v = x.astype(ct, copy=False)
         zero = ct.type(0)
-        # As TF's (and the fused kernels'): -0.0 and NaN pass relu unchanged.
-        if kind == "relu":
-            y = np.where(v < 0, zero, v)
-        elif kind == "relu6":
-            y = np.where(v < 0, zero, np.where(v > 6, ct.type(6), v))
-        elif kind == "sigmoid":
+        if kind == "sigmoid":
             # exp of a non-positive value only: no overflow for large |x|.
             e = np.exp(-np.abs(v))
             y = np.where(v >= 0, 1 / (1 + e), e / (1 + e))
         elif kind == "tanh":
             y = np.tanh(v)
         elif kind == "elu":
+            # (-0.0 and NaN pass, as in TF.)
             y = np.where(v < 0, np.expm1(np.minimum(v, zero)), v)
         else:
             raise ValueError(f"kind must be one of {ACTIVATIONS}, got {kind!r}")

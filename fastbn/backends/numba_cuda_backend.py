@@ -330,13 +330,14 @@ def stage(source, target):
 
 
 @_jit
-def activation(x, y, kind):
+def activation(x, y, kind, half):
     """y = the activation `kind` (its index in ACTIVATIONS) of x, over 1-D arrays, in
-    float64 rounded once; -0.0 and NaN pass relu and elu unchanged, as in TF."""
+    float64 rounded once, with the host's zeros and NaNs: NaN passes, relu(-0.0) is
+    -0.0 for float16 data (`half`) and +0.0 otherwise, elu(-0.0) is -0.0."""
     for i in range(cuda.grid(1), y.size, cuda.gridsize(1)):
         v = float(x[i])
         if kind == 0 or kind == 1:
-            r = 0.0 if v < 0.0 else v
+            r = v if v > 0.0 or v != v or (half and v == 0.0) else 0.0
             if kind == 1 and r > 6.0:
                 r = 6.0
         elif kind == 2:
@@ -809,7 +810,7 @@ class NumbaCudaBackend(Backend):
         d_y = self._cuda.device_array(d_x.shape, d_x.dtype)
         if d_x.size:
             self._run("activation", *self._flat_launch(d_x), _flat(d_x), _flat(d_y),
-                      ACTIVATIONS.index(kind))
+                      ACTIVATIONS.index(kind), d_x.dtype == np.float16)
             self._wait()
         return self._finish_output(d_y, x, on_host, None)
 
