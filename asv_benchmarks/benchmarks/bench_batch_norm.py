@@ -114,14 +114,23 @@ class Layer(Benchmark):
             tape.gradient(y, [self.x], output_gradients=self.dy)
 
 
-class ActivationGradients(Benchmark):
-    """The gradients through the activations (TF's ReluGrad, TanhGrad), which the tape
-    takes before the backward."""
+class Activations(Benchmark):
+    """The activations batch_norm applies after the normalization (all but the fused
+    relu), and the gradients through them (TF's ReluGrad, TanhGrad) that the tape takes
+    before the backward."""
 
     def setup(self, backend, case):
         super().setup(backend, case)
         self.y_relu = np.maximum(self.x, 0)
         self.y_tanh = np.tanh(self.x)
+
+    def time_sigmoid(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.sigmoid(self.x)
+
+    def time_elu(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.elu(self.x)
 
     def time_relu_grad(self, backend, case):
         with fastbn.backends.use(backend):

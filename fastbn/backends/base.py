@@ -166,19 +166,28 @@ class Backend:
             # In x's dtype, exact: NaN passes, and max(-0.0, 0) is +0.0 in float32 and
             # float64 but -0.0 in float16, in NumPy's loops as in TF's (checked).
             y = np.maximum(x, x.dtype.type(0))
-            return y if kind == "relu" else np.minimum(y, x.dtype.type(6))
+            return y if kind == "relu" else np.minimum(y, x.dtype.type(6), out=y)
         ct = compute_dtype(x.dtype)
         v = x.astype(ct, copy=False)
         zero = ct.type(0)
+        # Whole-array ufuncs into reused buffers, no np.where: a choice by a mask runs
+        # ten times slower than NumPy's vector loops (sigmoid 26 MB 86 ms, elu 49).
         if kind == "sigmoid":
-            # exp of a non-positive value only: no overflow for large |x|.
-            e = np.exp(-np.abs(v))
-            y = np.where(v >= 0, 1 / (1 + e), e / (1 + e))
+            # 1 / (1 + e) for x >= 0, e / (1 + e) below, e = exp(-|x|) (which cannot
+            # overflow): the numerator is max(e, x >= 0), as e <= 1.
+            e = np.abs(v)
+            np.negative(e, out=e)
+            np.exp(e, out=e)
+            y = np.add(e, ct.type(1))
+            np.divide(np.maximum(e, v >= 0, out=e), y, out=y)
         elif kind == "tanh":
             y = np.tanh(v)
         elif kind == "elu":
-            # (-0.0 and NaN pass, as in TF.)
-            y = np.where(v < 0, np.expm1(np.minimum(v, zero)), v)
+            # expm1(min(x, 0)) + max(x, 0) with x's sign: -0.0 and NaN pass, as in TF.
+            y = np.minimum(v, zero)
+            np.expm1(y, out=y)
+            y += np.maximum(v, zero)
+            np.copysign(y, v, out=y)
         else:
             raise ValueError(f"kind must be one of {ACTIVATIONS}, got {kind!r}")
         return y.astype(x.dtype, copy=False)
