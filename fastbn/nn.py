@@ -232,6 +232,13 @@ def _c_contiguous(a):
     return True
 
 
+def _check_flat_on_device(a, argument):
+    """The elementwise device kernels run over an array's elements as one flat run:
+    a device array `a` (None passes) must be C-contiguous."""
+    if a is not None and is_device_array(a) and not _c_contiguous(a):
+        raise ValueError(f"{argument} must be C-contiguous on the device")
+
+
 def _writes_over(out, a):
     """Whether writing `out` (of a's shape) could change elements of `a` other than the
     one at the same index: they share memory and are not the same elements.  The kernels
@@ -756,9 +763,7 @@ def elu(features, name=None):
 def _activation(kind, value, argument):
     """An activation of fastbn's, where the data lives (float16 in float32, rounded once)."""
     x = as_float_array(value, argument)
-    if is_device_array(x) and not _c_contiguous(x):
-        # (The device kernel runs over the elements as one flat run.)
-        raise ValueError(f"{argument} must be C-contiguous on the device")
+    _check_flat_on_device(x, argument)
     return as_caller_kind(backends.get_for(x).activation(kind, x), value)
 
 
@@ -810,23 +815,12 @@ def _activation_grad(kind, gradients, values, out, gradients_name, values_name):
     if is_device_array(dy) != is_device_array(y):
         raise TypeError(f"{values_name} must live where {gradients_name} live (both NumPy, "
                         "or both on the device)")
-    target = None
     if out is not None:
-        out = check_out(out, dy)
-    if is_device_array(dy):
-        # (The device kernel runs over the elements as one flat run.)
-        for a, argument in ((dy, gradients_name), (y, values_name), (out, "out")):
-            if a is not None and not _c_contiguous(a):
-                raise ValueError(f"{argument} must be C-contiguous on the device")
-    if out is not None:
-        # Elementwise: out may be either input, but not overlap one elsewhere.
-        if not (_writes_over(out, dy) or _writes_over(out, y)):
-            target = out
-    result = backends.get_for(dy).activation_grad(kind, dy, y, out=target)
-    if out is not None and result is not out:
-        if is_device_array(out):
-            out[...] = result
-        else:
-            np.copyto(out, result)
-        result = out
-    return as_caller_kind(result, gradients)
+        check_out(out, dy)
+    for a, argument in ((dy, gradients_name), (y, values_name), (out, "out")):
+        _check_flat_on_device(a, argument)
+    # Elementwise: out may be either input itself; one overlapping an input elsewhere
+    # is filled from a separate result.
+    out_view = _out_view(out, dy.shape, dy, y)
+    result = backends.get_for(dy).activation_grad(kind, dy, y, out=out_view)
+    return as_caller_kind(_finish(result, dy, out, out_view), gradients)

@@ -93,8 +93,8 @@ _COMPUTE_DTYPES = {np.dtype(np.float16): np.dtype(np.float32),
                    np.dtype(np.float64): np.dtype(np.float64)}
 
 
-# The activations whose gradients the backends compute (activation_grad), in the order
-# of the Cython kernel's codes.
+# The activations the backends compute (activation) and differentiate (activation_grad),
+# in the order of the kernels' codes.
 ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh", "elu")
 
 

@@ -511,6 +511,13 @@ def _flat(a):
     return a.reshape(a.size)
 
 
+def _flat_launch(size):
+    """(grid, block) of a kernel with a thread per element of `size` in a grid-stride
+    loop."""
+    threads = CHANNELS_PER_BLOCK * ROW_THREADS
+    return max(1, min(math.ceil(size / threads), ELEMENTWISE_BLOCKS)), threads
+
+
 def _host_copy(row):
     """A NumPy copy of a row of a mapped buffer (which the next call overwrites)."""
     return np.array(row, np.float64)
@@ -762,9 +769,7 @@ class NumbaCudaBackend(Backend):
             down = max(1, min(math.ceil(n / ROW_THREADS), ELEMENTWISE_BLOCKS // tiles))
             grid, block, layout = (tiles, down), (CHANNELS_PER_BLOCK, ROW_THREADS), "rows"
         else:
-            threads = CHANNELS_PER_BLOCK * ROW_THREADS
-            grid, block, layout = min(math.ceil(n * c / threads), ELEMENTWISE_BLOCKS), \
-                threads, "flat"
+            (grid, block), layout = _flat_launch(n * c), "flat"
         kind = "normalize" if d_dy is None else "grad"
         self._run(f"{kind}_{layout}", grid, block, d_x, d_x if d_dy is None else d_dy, d_out,
                   coef, d_x if d_w is None else d_w, d_w is not None, bool(relu))
@@ -779,9 +784,7 @@ class NumbaCudaBackend(Backend):
             row[...] = vector
         if device is None:
             device = self._buffer("rows", shape, dtype)
-        threads = CHANNELS_PER_BLOCK * ROW_THREADS
-        blocks = max(1, min(math.ceil(shape[0] * shape[1] / threads), ELEMENTWISE_BLOCKS))
-        self._run("stage", blocks, threads, host, device)
+        self._run("stage", *_flat_launch(shape[0] * shape[1]), host, device)
         return device
 
     # -- the protocol ----------------------------------------------------------------
@@ -809,22 +812,17 @@ class NumbaCudaBackend(Backend):
         d_x, on_host = self._compute_input(x)
         d_y = self._cuda.device_array(d_x.shape, d_x.dtype)
         if d_x.size:
-            self._run("activation", *self._flat_launch(d_x), _flat(d_x), _flat(d_y),
+            self._run("activation", *_flat_launch(d_x.size), _flat(d_x), _flat(d_y),
                       ACTIVATIONS.index(kind), d_x.dtype == np.float16)
             self._wait()
         return self._finish_output(d_y, x, on_host, None)
-
-    def _flat_launch(self, d_x):
-        """(grid, block) of an elementwise kernel over d_x as one flat run."""
-        threads = CHANNELS_PER_BLOCK * ROW_THREADS
-        return max(1, min(math.ceil(d_x.size / threads), ELEMENTWISE_BLOCKS)), threads
 
     def activation_grad(self, kind, dy, y, out=None):
         d_dy, on_host = self._compute_input(dy)
         d_y = self._compute_input(y)[0]
         d_out = self._output(d_dy, out)
         if d_dy.size:
-            self._run("activation_grad", *self._flat_launch(d_dy),
+            self._run("activation_grad", *_flat_launch(d_dy.size),
                       *(_flat(a) for a in (d_dy, d_y, d_out)), ACTIVATIONS.index(kind))
             self._wait()
         return self._finish_output(d_out, dy, on_host, out)
