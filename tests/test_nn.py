@@ -356,6 +356,48 @@ def test_activations(backend, dtype):
         nn.relu("x")
 
 
+def _activation_reference(kind, x):
+    v = x.astype(np.longdouble)
+    with np.errstate(over="ignore"):
+        return {"sigmoid": lambda: 1 / (1 + np.exp(-v)), "tanh": lambda: np.tanh(v),
+                "elu": lambda: np.where(v < 0, np.expm1(np.minimum(v, 0)), v)}[kind]()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", ["sigmoid", "tanh", "elu"])
+def test_activations_within_ulps(backend, dtype, kind):
+    # Every scale from subnormal to overflowing, near the points where exp's argument
+    # reduction changes step (multiples of ln2 / 2), and where the results underflow.
+    rng = np.random.default_rng(7)
+    top = float(np.log(np.finfo(dtype).max)) * 1.1
+    scales = np.geomspace(np.finfo(dtype).smallest_normal, top, 60)
+    x = np.concatenate([rng.uniform(-1, 1, (60, 500)).ravel() * scales.repeat(500),
+                        np.arange(-600, 601) * np.log(2) / 2 * 0.5,
+                        np.linspace(-top, -top * 0.8, 400)])
+    x = x[np.abs(x) < top].astype(dtype)
+    x = x[:len(x) // 7 * 7].reshape(-1, 7)
+    got = np.asarray(getattr(nn, kind)(x))
+    want = _activation_reference(kind, x)
+    rounded = want.astype(dtype)
+    # float16 is computed in float32 and rounded once: at most one of its ulps (a tie
+    # in float32 may round either way); float32 and float64 within 3 of theirs.
+    ulps = np.abs(got.astype(np.longdouble) - want) / np.spacing(np.abs(rounded)).astype(
+        np.longdouble)
+    assert got.dtype == dtype
+    assert np.nanmax(ulps) <= (1 if dtype == np.float16 else 3), \
+        (kind, x.ravel()[np.nanargmax(ulps)], np.nanmax(ulps))
+    # Saturation and underflow come out exact.
+    ends = np.array([-np.inf, np.inf, -top, top], dtype)
+    np.testing.assert_array_equal(np.asarray(getattr(nn, kind)(ends)), rounded_ends(kind, ends))
+    # The threaded kernels give each element the bits it gets alone.
+    parts = [np.asarray(getattr(nn, kind)(x[i:i + 999])) for i in range(0, len(x), 999)]
+    np.testing.assert_array_equal(got, np.concatenate(parts))
+
+
+def rounded_ends(kind, ends):
+    return _activation_reference(kind, ends).astype(ends.dtype)
+
+
 def test_python_lists_are_float32():
     mean, var = nn.moments([[1.0, 2.0], [3.0, 4.0]], [0])
     assert mean.dtype == np.float32 and mean.tolist() == [2.0, 3.0]

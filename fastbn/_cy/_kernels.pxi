@@ -281,6 +281,128 @@ cdef extern from *:
     void fastbn_activation_grad_f64(const double* dy, const double* y, double* out,
                                     Py_ssize_t n, int kind) noexcept nogil
 
+cdef extern from *:
+    """
+    /* fastbn's activations themselves, elementwise in the data type, in vector loops:
+       exp and expm1 are needed only at arguments <= 0 (e^-|x| for sigmoid, e^-2|x| - 1
+       for tanh, e^x - 1 below 0 for elu), where they cannot overflow.  Within 2.5 ulp
+       of the exact values (TF's own are Eigen's approximations); NaN passes;
+       elu(-0.0) and tanh(-0.0) are -0.0.  Kinds in the order of
+       fastbn.backends.base.ACTIVATIONS. */
+    #include <stdint.h>
+    #include <string.h>
+    /* expm1(r) - r for |r| <= ln2 / 2: the Taylor series, cut where the next term is
+       below a hundredth of the type's rounding. */
+    static inline FASTBN_BLENDS float fastbn_expm1_tail_f32(float r) {
+        float p = 1.0f / 40320;
+        p = p * r + 1.0f / 5040; p = p * r + 1.0f / 720; p = p * r + 1.0f / 120;
+        p = p * r + 1.0f / 24; p = p * r + 1.0f / 6; p = p * r + 0.5f;
+        return r * r * p;
+    }
+    static inline FASTBN_BLENDS double fastbn_expm1_tail_f64(double r) {
+        double p = 1.0 / 87178291200.0;
+        p = p * r + 1.0 / 6227020800.0;
+        p = p * r + 1.0 / 479001600.0; p = p * r + 1.0 / 39916800.0;
+        p = p * r + 1.0 / 3628800.0; p = p * r + 1.0 / 362880.0; p = p * r + 1.0 / 40320.0;
+        p = p * r + 1.0 / 5040.0; p = p * r + 1.0 / 720.0; p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0; p = p * r + 1.0 / 6.0; p = p * r + 0.5;
+        return r * r * p;
+    }
+    /* Integers by the magic-number rounding (x + 1.5 * 2^mantissa_bits keeps round(x)
+       in the low bits), so that every step vectorises on SSE2 as on AVX2.  Every helper
+       carries FASTBN_BLENDS: GCC inlines only functions of the same options. */
+    #define FASTBN_ACTIVATION(T, U, NAME, TAIL, SHIFT, BIAS, MAGIC, LOG2E, LN2_HI, LN2_LO, \
+                              EXP_LOW, EXPM1_LOW)                                      \
+    /* 2^k from t = k + MAGIC. */                                                      \
+    static inline FASTBN_BLENDS T NAME##_pow2(T t) {                                   \
+        const T magic = MAGIC;                                                         \
+        U bits, m;                                                                     \
+        T s;                                                                           \
+        memcpy(&bits, &t, sizeof bits);                                                \
+        memcpy(&m, &magic, sizeof m);                                                  \
+        bits = (bits - m + BIAS) << SHIFT;                                             \
+        memcpy(&s, &bits, sizeof s);                                                   \
+        return s;                                                                      \
+    }                                                                                  \
+    /* e^x = s1 * s2 * (1 + the result), for x in [EXP_LOW, 0] or NaN: x = k ln2 + r,   \
+       |r| <= ln2 / 2 (ln2 in two parts, the first exact times any k), 2^k split into   \
+       two normal powers so that a subnormal e^x is rounded once, by the last product. */\
+    static inline FASTBN_BLENDS T NAME##_reduce(T x, T* s1, T* s2) {                   \
+        const T magic = MAGIC;                                                         \
+        T t = x * (T)LOG2E + magic, k = t - magic;                                     \
+        T r = (x - k * (T)LN2_HI) - k * (T)LN2_LO;                                     \
+        T t1 = k * (T)0.5 + magic, k1 = t1 - magic;                                    \
+        *s1 = NAME##_pow2(t1);                                                         \
+        *s2 = NAME##_pow2((k - k1) + magic);                                           \
+        return r + TAIL(r);                                                            \
+    }                                                                                  \
+    static inline FASTBN_BLENDS T NAME##_exp(T x) {                                    \
+        T s1, s2, em;                                                                  \
+        x = x < (T)EXP_LOW ? (T)EXP_LOW : x;                                           \
+        em = NAME##_reduce(x, &s1, &s2);                                               \
+        return (s1 * em + s1) * s2;                                                    \
+    }                                                                                  \
+    /* Below EXPM1_LOW, e^x - 1 rounds to -1; there s1 * s2 is normal and exact, and    \
+       s - 1 is exact wherever it matters. */                                           \
+    static inline FASTBN_BLENDS T NAME##_expm1(T x) {                                  \
+        T s1, s2, s, em;                                                               \
+        x = x < (T)EXPM1_LOW ? (T)EXPM1_LOW : x;                                       \
+        em = NAME##_reduce(x, &s1, &s2);                                               \
+        s = s1 * s2;                                                                   \
+        return s * em + (s - 1);                                                       \
+    }                                                                                  \
+    /* relu_zero is added to relu's and relu6's results: +0.0 makes relu(-0.0) +0.0    \
+       (TF's float32 and float64), -0.0 leaves every value as it is (TF's float16). */   \
+    static FASTBN_BLENDS void NAME(const T* x, T* y, Py_ssize_t n, int kind,             \
+                                   T relu_zero) {                                      \
+        Py_ssize_t i;                                                                  \
+        const T zero = 0, one = 1, two = 2, six = 6;                                   \
+        T v, e;                                                                        \
+        switch (kind) {                                                                \
+        case 0:                                                                        \
+            for (i = 0; i < n; i++) { v = x[i]; y[i] = (v < zero ? zero : v) + relu_zero; }\
+            break;                                                                     \
+        case 1:                                                                        \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                v = (v < zero ? zero : v) + relu_zero;                                 \
+                y[i] = v > six ? six : v;                                              \
+            }                                                                          \
+            break;                                                                     \
+        case 2: /* 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) below */                 \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                e = NAME##_exp(v < zero ? v : -v);                                     \
+                y[i] = (v >= zero ? one : e) / (one + e);                              \
+            }                                                                          \
+            break;                                                                     \
+        case 3: /* tanh|x| = -(e^-2|x| - 1) / (e^-2|x| + 1), with x's sign */           \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                e = NAME##_expm1(two * (v < zero ? v : -v));                           \
+                y[i] = __builtin_copysign(-e / (e + two), v);                          \
+            }                                                                          \
+            break;                                                                     \
+        default:                                                                       \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                e = NAME##_expm1(v < zero ? v : zero);                                 \
+                y[i] = v < zero ? e : v;                                               \
+            }                                                                          \
+        }                                                                              \
+    }
+    FASTBN_ACTIVATION(float, uint32_t, fastbn_activation_f32, fastbn_expm1_tail_f32, 23,
+                      127u, 0x1.8p23f, 0x1.715476p+0f, 0x1.62e4p-1f, 0x1.7f7d1cp-20f,
+                      -104.0f, -30.0f)
+    FASTBN_ACTIVATION(double, uint64_t, fastbn_activation_f64, fastbn_expm1_tail_f64, 52,
+                      1023u, 0x1.8p52, 0x1.71547652b82fep+0, 0x1.62e42fefa38p-1,
+                      0x1.ef35793c7673p-45, -746.0, -50.0)
+    """
+    void fastbn_activation_f32(const float* x, float* y, Py_ssize_t n, int kind,
+                               float relu_zero) noexcept nogil
+    void fastbn_activation_f64(const double* x, double* y, Py_ssize_t n, int kind,
+                               double relu_zero) noexcept nogil
+
 ctypedef fused floating:
     float
     double
@@ -1647,47 +1769,92 @@ def floats_to_halves(cnp.ndarray src, cnp.ndarray dst, int n_threads):
         _convert(s, d, n, False, n_threads)
 
 
-cdef void _activation_grad_halves(const unsigned short* dy, const unsigned short* y,
-                                 unsigned short* out, Py_ssize_t lo, Py_ssize_t hi,
-                                 int kind) noexcept nogil:
-    """The float32 gradient of float16 data (F16C builds), a piece at a time, rounded once."""
+cdef void _activation_halves(const unsigned short* dy, const unsigned short* v,
+                             unsigned short* out, Py_ssize_t lo, Py_ssize_t hi,
+                             int kind) noexcept nogil:
+    """_activation_part on float16 data (F16C builds): in float32, a piece at a time,
+    rounded once."""
     cdef float bd[SUMS_PIECE]
-    cdef float by[SUMS_PIECE]
+    cdef float bv[SUMS_PIECE]
     cdef Py_ssize_t i = lo, n
     while i < hi:
         n = hi - i if hi - i < SUMS_PIECE else SUMS_PIECE
-        fastbn_halves_to_floats(dy + i, bd, n)
-        fastbn_halves_to_floats(y + i, by, n)
-        fastbn_activation_grad_f32(bd, by, bd, n, kind)
-        fastbn_floats_to_halves(bd, out + i, n)
+        fastbn_halves_to_floats(v + i, bv, n)
+        if dy == NULL:
+            fastbn_activation_f32(bv, bv, n, kind, -0.0)
+        else:
+            fastbn_halves_to_floats(dy + i, bd, n)
+            fastbn_activation_grad_f32(bd, bv, bv, n, kind)
+        fastbn_floats_to_halves(bv, out + i, n)
         i += n
 
 
-cdef inline void _activation_grad_part(const char* dy, const char* y, char* out,
-                                       Py_ssize_t lo, Py_ssize_t hi, int kind,
-                                       int typenum) noexcept nogil:
+cdef inline void _activation_part(const char* dy, const char* v, char* out,
+                                  Py_ssize_t lo, Py_ssize_t hi, int kind,
+                                  int typenum) noexcept nogil:
+    """out[lo:hi] = the activation of v (dy NULL), or the gradient through it given the
+    output gradient dy and its output v."""
     if typenum == cnp.NPY_FLOAT32:
-        fastbn_activation_grad_f32(<const float*>dy + lo, <const float*>y + lo,
-                                   <float*>out + lo, hi - lo, kind)
+        if dy == NULL:
+            fastbn_activation_f32(<const float*>v + lo, <float*>out + lo, hi - lo, kind, 0.0)
+        else:
+            fastbn_activation_grad_f32(<const float*>dy + lo, <const float*>v + lo,
+                                       <float*>out + lo, hi - lo, kind)
     elif typenum == cnp.NPY_FLOAT64:
-        fastbn_activation_grad_f64(<const double*>dy + lo, <const double*>y + lo,
-                                   <double*>out + lo, hi - lo, kind)
+        if dy == NULL:
+            fastbn_activation_f64(<const double*>v + lo, <double*>out + lo, hi - lo, kind,
+                                  0.0)
+        else:
+            fastbn_activation_grad_f64(<const double*>dy + lo, <const double*>v + lo,
+                                       <double*>out + lo, hi - lo, kind)
     else:
-        _activation_grad_halves(<const unsigned short*>dy, <const unsigned short*>y,
-                                <unsigned short*>out, lo, hi, kind)
+        _activation_halves(<const unsigned short*>dy, <const unsigned short*>v,
+                           <unsigned short*>out, lo, hi, kind)
 
 
-cdef void _activation_grad(const char* dy, const char* y, char* out, Py_ssize_t n, int kind,
-                           int typenum, int n_threads) noexcept nogil:
+cdef void _activation_pieces(const char* dy, const char* v, char* out, Py_ssize_t n,
+                             int kind, int typenum, int n_threads) noexcept nogil:
     cdef Py_ssize_t pieces = (n + BLOCK - 1) // BLOCK, p, lo, hi
     cdef int nt = _threads(n, n_threads)
     if nt == 1:
-        _activation_grad_part(dy, y, out, 0, n, kind, typenum)
+        _activation_part(dy, v, out, 0, n, kind, typenum)
         return
     for p in prange(pieces, schedule="static", num_threads=nt):
         lo = p * BLOCK
         hi = lo + BLOCK if lo + BLOCK < n else n
-        _activation_grad_part(dy, y, out, lo, hi, kind, typenum)
+        _activation_part(dy, v, out, lo, hi, kind, typenum)
+
+
+cdef int _activation_operands(cnp.ndarray first, str first_name, cnp.ndarray v, str v_name,
+                              cnp.ndarray out, int kind) except -1:
+    """The type number of C-contiguous arrays of one dtype and size, checked."""
+    cdef int t = cnp.PyArray_TYPE(first)
+    if not (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64
+            or (t == cnp.NPY_FLOAT16 and fastbn_have_f16c())):
+        raise TypeError(f"{first_name} must be float32 or float64 (or float16 in a build "
+                        f"with F16C)")
+    if kind < 0 or kind > 4:
+        raise ValueError(f"kind must be 0 to 4, got {kind}")
+    _require(first, t, first_name)
+    _require(v, t, v_name)
+    _require(out, t, "out")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(first)
+    if cnp.PyArray_SIZE(v) != n or cnp.PyArray_SIZE(out) != n:
+        raise ValueError(f"{first_name}, {v_name} and out must have the same size")
+    return t
+
+
+def activation(cnp.ndarray x, cnp.ndarray out, int kind, int n_threads):
+    """out = the activation `kind` (0 relu, 1 relu6, 2 sigmoid, 3 tanh, 4 elu) of x,
+    elementwise; float16 in float32, rounded once.  relu(-0.0) is +0.0 in float32 and
+    float64, -0.0 in float16, as in TF.  C-contiguous arrays of one dtype and size:
+    float32, float64, or float16 where f16c_enabled(); out may be x."""
+    cdef int t = _activation_operands(x, "x", x, "x", out, kind)
+    cdef const char* xp = <const char*>cnp.PyArray_DATA(x)
+    cdef char* op = <char*>cnp.PyArray_DATA(out)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(x)
+    with nogil:
+        _activation_pieces(NULL, xp, op, n, kind, t, n_threads)
 
 
 def activation_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, int kind, int n_threads):
@@ -1696,23 +1863,13 @@ def activation_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, int kind, in
     TF's ReluGrad ... EluGrad; float16 in float32, rounded once.  C-contiguous arrays
     of one dtype and size: float32, float64, or float16 where f16c_enabled(); out may
     be dy or y."""
-    cdef int t = cnp.PyArray_TYPE(dy)
-    if not (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64
-            or (t == cnp.NPY_FLOAT16 and fastbn_have_f16c())):
-        raise TypeError("dy must be float32 or float64 (or float16 in a build with F16C)")
-    if kind < 0 or kind > 4:
-        raise ValueError(f"kind must be 0 to 4, got {kind}")
-    _require(dy, t, "dy")
-    _require(y, t, "y")
-    _require(out, t, "out")
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(dy)
-    if cnp.PyArray_SIZE(y) != n or cnp.PyArray_SIZE(out) != n:
-        raise ValueError("activation_grad: dy, y and out must have the same size")
+    cdef int t = _activation_operands(dy, "dy", y, "y", out, kind)
     cdef const char* dp = <const char*>cnp.PyArray_DATA(dy)
     cdef const char* yp = <const char*>cnp.PyArray_DATA(y)
     cdef char* op = <char*>cnp.PyArray_DATA(out)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(dy)
     with nogil:
-        _activation_grad(dp, yp, op, n, kind, t, n_threads)
+        _activation_pieces(dp, yp, op, n, kind, t, n_threads)
 
 
 def moments(cnp.ndarray x, object weights, int n_threads):

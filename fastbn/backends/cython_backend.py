@@ -326,6 +326,15 @@ class CythonBackend(Backend):
             np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk))
         return self._finish(x, y, out)
 
+    def activation(self, kind, x):
+        if not (kind in ACTIVATIONS and x.flags.c_contiguous
+                and (x.dtype != _F16 or self._halves)):
+            # Strided data, and float16 in the baseline build: NumPy's loops.
+            return super().activation(kind, x)
+        y = np.empty(x.shape, x.dtype)
+        self._run(self._k.activation, x.size, x, y, ACTIVATIONS.index(kind))
+        return y
+
     def activation_grad(self, kind, dy, y, out=None):
         if not ((dy.dtype != _F16 or self._halves) and y.dtype == dy.dtype
                 and dy.flags.c_contiguous and y.flags.c_contiguous
