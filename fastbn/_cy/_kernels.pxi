@@ -324,31 +324,36 @@ cdef extern from *:
         memcpy(&s, &bits, sizeof s);                                                   \
         return s;                                                                      \
     }                                                                                  \
-    /* e^x = s1 * s2 * (1 + the result), for x in [EXP_LOW, 0] or NaN: x = k ln2 + r,   \
-       |r| <= ln2 / 2 (ln2 in two parts, the first exact times any k), 2^k split into   \
-       two normal powers so that a subnormal e^x is rounded once, by the last product. */\
-    static inline FASTBN_BLENDS T NAME##_reduce(T x, T* s1, T* s2) {                   \
+    /* e^x = 2^k (1 + the result), t = k + MAGIC, for x in [EXP_LOW, 0] or NaN:          \
+       x = k ln2 + r, |r| <= ln2 / 2 (ln2 in two parts, the first exact times any k). */ \
+    static inline FASTBN_BLENDS T NAME##_reduce(T x, T* t) {                           \
         const T magic = MAGIC;                                                         \
-        T t = x * (T)LOG2E + magic, k = t - magic;                                     \
+        T k;                                                                           \
+        *t = x * (T)LOG2E + magic;                                                     \
+        k = *t - magic;                                                                \
         T r = (x - k * (T)LN2_HI) - k * (T)LN2_LO;                                     \
-        T t1 = k * (T)0.5 + magic, k1 = t1 - magic;                                    \
-        *s1 = NAME##_pow2(t1);                                                         \
-        *s2 = NAME##_pow2((k - k1) + magic);                                           \
         return r + TAIL(r);                                                            \
     }                                                                                  \
+    /* 2^k in two normal factors, so that a subnormal e^x is rounded once, by the last   \
+       product. */                                                                     \
     static inline FASTBN_BLENDS T NAME##_exp(T x) {                                    \
-        T s1, s2, em;                                                                  \
+        const T magic = MAGIC;                                                         \
+        T t, k, t1, s1, s2, em;                                                        \
         x = x < (T)EXP_LOW ? (T)EXP_LOW : x;                                           \
-        em = NAME##_reduce(x, &s1, &s2);                                               \
+        em = NAME##_reduce(x, &t);                                                     \
+        k = t - magic;                                                                 \
+        t1 = k * (T)0.5 + magic;                                                       \
+        s1 = NAME##_pow2(t1);                                                          \
+        s2 = NAME##_pow2((k - (t1 - magic)) + magic);                                  \
         return (s1 * em + s1) * s2;                                                    \
     }                                                                                  \
-    /* Below EXPM1_LOW, e^x - 1 rounds to -1; there s1 * s2 is normal and exact, and    \
-       s - 1 is exact wherever it matters. */                                           \
+    /* Below EXPM1_LOW, e^x - 1 rounds to -1; above it 2^k is normal, and s - 1 is      \
+       exact wherever it matters. */                                                    \
     static inline FASTBN_BLENDS T NAME##_expm1(T x) {                                  \
-        T s1, s2, s, em;                                                               \
+        T t, s, em;                                                                    \
         x = x < (T)EXPM1_LOW ? (T)EXPM1_LOW : x;                                       \
-        em = NAME##_reduce(x, &s1, &s2);                                               \
-        s = s1 * s2;                                                                   \
+        em = NAME##_reduce(x, &t);                                                     \
+        s = NAME##_pow2(t);                                                            \
         return s * em + (s - 1);                                                       \
     }                                                                                  \
     /* relu_zero is added to relu's and relu6's results: +0.0 makes relu(-0.0) +0.0    \
