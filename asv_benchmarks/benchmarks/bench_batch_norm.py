@@ -116,8 +116,8 @@ class Layer(Benchmark):
 
 class Activations(Benchmark):
     """The activations batch_norm applies after the normalization (all but the fused
-    relu), and the gradients through them (TF's ReluGrad, TanhGrad) that the tape takes
-    before the backward."""
+    relu; the kernels' own exp), and the gradients through them (TF's ReluGrad,
+    TanhGrad) that the tape takes before the backward."""
 
     def setup(self, backend, case):
         super().setup(backend, case)
@@ -128,9 +128,17 @@ class Activations(Benchmark):
         with fastbn.backends.use(backend):
             fastbn.nn.sigmoid(self.x)
 
+    def time_tanh(self, backend, case):
+        with fastbn.backends.use(backend):
+            fastbn.nn.tanh(self.x)
+
     def time_elu(self, backend, case):
         with fastbn.backends.use(backend):
             fastbn.nn.elu(self.x)
+
+    def track_sigmoid_checksum(self, backend, case):
+        with fastbn.backends.use(backend):
+            return checksum(fastbn.nn.sigmoid(self.x))
 
     def time_relu_grad(self, backend, case):
         with fastbn.backends.use(backend):
