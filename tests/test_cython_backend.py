@@ -96,10 +96,42 @@ def test_isa_builds_agree():
 
 def test_dispatch_can_be_forced(monkeypatch):
     monkeypatch.setenv("FASTBN_CPU_DISPATCH", "baseline")
-    assert cython_backend.CythonBackend().isa == "baseline"
+    backend = cython_backend.CythonBackend()
+    assert backend.isa == "baseline" and not backend._wide
     monkeypatch.setenv("FASTBN_CPU_DISPATCH", "sse9")
     with pytest.raises(fastbn.backends.BackendUnavailable, match="FASTBN_CPU_DISPATCH"):
         cython_backend.CythonBackend()
+    if len(KERNELS) > 1:
+        monkeypatch.setenv("FASTBN_CPU_DISPATCH", "avx2")
+        backend = cython_backend.CythonBackend()
+        assert backend.isa == "avx2" and not backend._wide
+        monkeypatch.setenv("FASTBN_CPU_DISPATCH", "avx512")
+        if KERNELS[1].wide_enabled():
+            assert cython_backend.CythonBackend()._wide
+        else:
+            with pytest.raises(fastbn.backends.BackendUnavailable, match="no AVX-512F"):
+                cython_backend.CythonBackend()
+    monkeypatch.delenv("FASTBN_CPU_DISPATCH")
+    assert cython_backend.CythonBackend()._wide == (len(KERNELS) > 1
+                                                    and KERNELS[1].wide_enabled())
+
+
+@pytest.mark.skipif(len(KERNELS) < 2 or not KERNELS[1].wide_enabled(),
+                    reason="needs the avx2 build on a CPU with AVX-512F")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_activation_bits_do_not_depend_on_the_vector_width(dtype):
+    # The AVX-512 loops are the AVX2 loops' source compiled wider: the same bits.
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(70001) * s for s in (1e-6, 1, 30, 800)])
+    x = x.astype(dtype)
+    x[:4] = [np.nan, -0.0, np.inf, -np.inf]
+    for kind in range(5):
+        wide, narrow = np.empty_like(x), np.empty_like(x)
+        KERNELS[1].activation(x, wide, kind, True, 2)
+        KERNELS[1].activation(x, narrow, kind, False, 2)
+        np.testing.assert_array_equal(wide.view(np.uint8), narrow.view(np.uint8))
+    with pytest.raises(ValueError, match="wide"):
+        KERNELS[0].activation(x, x.copy(), 2, True, 1)
 
 
 def test_thread_settings(monkeypatch):

@@ -308,6 +308,56 @@ cdef extern from *:
         p = p * r + 1.0 / 24.0; p = p * r + 1.0 / 6.0; p = p * r + 0.5;
         return r * r * p;
     }
+    /* The activations' loops are compute-bound: the avx2 build also has them for
+       AVX-512, chosen at run time where the CPU has it (fastbn_have_wide()). */
+    #if defined(__AVX2__) && (defined(__GNUC__) || defined(__clang__))
+    #define FASTBN_WIDE __attribute__((target("avx512f")))
+    static int fastbn_have_wide(void) { return __builtin_cpu_supports("avx512f"); }
+    #else
+    #define FASTBN_WIDE
+    static int fastbn_have_wide(void) { return 0; }
+    #endif
+    /* The loops of NAME, compiled as FN with the target attributes ATTR. */
+    #define FASTBN_ACTIVATION_LOOPS(T, NAME, FN, ATTR)                                 \
+    static FASTBN_BLENDS ATTR void FN(const T* x, T* y, Py_ssize_t n, int kind,        \
+                                      T relu_zero) {                                   \
+        Py_ssize_t i;                                                                  \
+        const T zero = 0, one = 1, two = 2, six = 6;                                   \
+        T v, e;                                                                        \
+        switch (kind) {                                                                \
+        case 0:                                                                        \
+            for (i = 0; i < n; i++) { v = x[i]; y[i] = (v < zero ? zero : v) + relu_zero; }\
+            break;                                                                     \
+        case 1:                                                                        \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                v = (v < zero ? zero : v) + relu_zero;                                 \
+                y[i] = v > six ? six : v;                                              \
+            }                                                                          \
+            break;                                                                     \
+        case 2: /* 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) below */                 \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                e = NAME##_exp(v < zero ? v : -v);                                     \
+                y[i] = (v >= zero ? one : e) / (one + e);                              \
+            }                                                                          \
+            break;                                                                     \
+        case 3: /* tanh|x| = -(e^-2|x| - 1) / (e^-2|x| + 1), with x's sign */           \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                e = NAME##_expm1(two * (v < zero ? v : -v));                           \
+                y[i] = __builtin_copysign(-e / (e + two), v);                          \
+            }                                                                          \
+            break;                                                                     \
+        default:                                                                       \
+            for (i = 0; i < n; i++) {                                                  \
+                v = x[i];                                                              \
+                e = NAME##_expm1(v < zero ? v : zero);                                 \
+                y[i] = v < zero ? e : v;                                               \
+            }                                                                          \
+        }                                                                              \
+    }
+
     /* Integers by the magic-number rounding (x + 1.5 * 2^mantissa_bits keeps round(x)
        in the low bits), so that every step vectorises on SSE2 as on AVX2.  Every helper
        carries FASTBN_BLENDS: GCC inlines only functions of the same options. */
@@ -357,44 +407,15 @@ cdef extern from *:
         return s * em + (s - 1);                                                       \
     }                                                                                  \
     /* relu_zero is added to relu's and relu6's results: +0.0 makes relu(-0.0) +0.0    \
-       (TF's float32 and float64), -0.0 leaves every value as it is (TF's float16). */   \
-    static FASTBN_BLENDS void NAME(const T* x, T* y, Py_ssize_t n, int kind,             \
-                                   T relu_zero) {                                      \
-        Py_ssize_t i;                                                                  \
-        const T zero = 0, one = 1, two = 2, six = 6;                                   \
-        T v, e;                                                                        \
-        switch (kind) {                                                                \
-        case 0:                                                                        \
-            for (i = 0; i < n; i++) { v = x[i]; y[i] = (v < zero ? zero : v) + relu_zero; }\
-            break;                                                                     \
-        case 1:                                                                        \
-            for (i = 0; i < n; i++) {                                                  \
-                v = x[i];                                                              \
-                v = (v < zero ? zero : v) + relu_zero;                                 \
-                y[i] = v > six ? six : v;                                              \
-            }                                                                          \
-            break;                                                                     \
-        case 2: /* 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) below */                 \
-            for (i = 0; i < n; i++) {                                                  \
-                v = x[i];                                                              \
-                e = NAME##_exp(v < zero ? v : -v);                                     \
-                y[i] = (v >= zero ? one : e) / (one + e);                              \
-            }                                                                          \
-            break;                                                                     \
-        case 3: /* tanh|x| = -(e^-2|x| - 1) / (e^-2|x| + 1), with x's sign */           \
-            for (i = 0; i < n; i++) {                                                  \
-                v = x[i];                                                              \
-                e = NAME##_expm1(two * (v < zero ? v : -v));                           \
-                y[i] = __builtin_copysign(-e / (e + two), v);                          \
-            }                                                                          \
-            break;                                                                     \
-        default:                                                                       \
-            for (i = 0; i < n; i++) {                                                  \
-                v = x[i];                                                              \
-                e = NAME##_expm1(v < zero ? v : zero);                                 \
-                y[i] = v < zero ? e : v;                                               \
-            }                                                                          \
-        }                                                                              \
+       (TF's float32 and float64), -0.0 leaves every value as it is (TF's float16).      \
+       `wide`: the loops compiled for AVX-512 (where fastbn_have_wide()). */             \
+    FASTBN_ACTIVATION_LOOPS(T, NAME, NAME##_narrow, )                                  \
+    FASTBN_ACTIVATION_LOOPS(T, NAME, NAME##_wide, FASTBN_WIDE)                         \
+    static void NAME(const T* x, T* y, Py_ssize_t n, int kind, T relu_zero, int wide) {\
+        if (wide)                                                                      \
+            NAME##_wide(x, y, n, kind, relu_zero);                                     \
+        else                                                                           \
+            NAME##_narrow(x, y, n, kind, relu_zero);                                   \
     }
     FASTBN_ACTIVATION(float, uint32_t, fastbn_activation_f32, fastbn_expm1_tail_f32, 23,
                       127u, 0x1.8p23f, 0x1.715476p+0f, 0x1.62e4p-1f, 0x1.7f7d1cp-20f,
@@ -403,10 +424,11 @@ cdef extern from *:
                       1023u, 0x1.8p52, 0x1.71547652b82fep+0, 0x1.62e42fefa38p-1,
                       0x1.ef35793c7673p-45, -746.0, -50.0)
     """
+    int fastbn_have_wide() noexcept nogil
     void fastbn_activation_f32(const float* x, float* y, Py_ssize_t n, int kind,
-                               float relu_zero) noexcept nogil
+                               float relu_zero, int wide) noexcept nogil
     void fastbn_activation_f64(const double* x, double* y, Py_ssize_t n, int kind,
-                               double relu_zero) noexcept nogil
+                               double relu_zero, int wide) noexcept nogil
 
 ctypedef fused floating:
     float
@@ -1775,8 +1797,8 @@ def floats_to_halves(cnp.ndarray src, cnp.ndarray dst, int n_threads):
 
 
 cdef void _activation_halves(const unsigned short* dy, const unsigned short* v,
-                             unsigned short* out, Py_ssize_t lo, Py_ssize_t hi,
-                             int kind) noexcept nogil:
+                             unsigned short* out, Py_ssize_t lo, Py_ssize_t hi, int kind,
+                             bint wide) noexcept nogil:
     """_activation_part on float16 data (F16C builds): in float32, a piece at a time,
     rounded once."""
     cdef float bd[SUMS_PIECE]
@@ -1786,7 +1808,7 @@ cdef void _activation_halves(const unsigned short* dy, const unsigned short* v,
         n = hi - i if hi - i < SUMS_PIECE else SUMS_PIECE
         fastbn_halves_to_floats(v + i, bv, n)
         if dy == NULL:
-            fastbn_activation_f32(bv, bv, n, kind, -0.0)
+            fastbn_activation_f32(bv, bv, n, kind, -0.0, wide)
         else:
             fastbn_halves_to_floats(dy + i, bd, n)
             fastbn_activation_grad_f32(bd, bv, bv, n, kind)
@@ -1795,39 +1817,40 @@ cdef void _activation_halves(const unsigned short* dy, const unsigned short* v,
 
 
 cdef inline void _activation_part(const char* dy, const char* v, char* out,
-                                  Py_ssize_t lo, Py_ssize_t hi, int kind,
-                                  int typenum) noexcept nogil:
-    """out[lo:hi] = the activation of v (dy NULL), or the gradient through it given the
-    output gradient dy and its output v."""
+                                  Py_ssize_t lo, Py_ssize_t hi, int kind, int typenum,
+                                  bint wide) noexcept nogil:
+    """out[lo:hi] = the activation of v (dy NULL; in AVX-512 where `wide`), or the
+    gradient through it given the output gradient dy and its output v."""
     if typenum == cnp.NPY_FLOAT32:
         if dy == NULL:
-            fastbn_activation_f32(<const float*>v + lo, <float*>out + lo, hi - lo, kind, 0.0)
+            fastbn_activation_f32(<const float*>v + lo, <float*>out + lo, hi - lo, kind, 0.0,
+                                  wide)
         else:
             fastbn_activation_grad_f32(<const float*>dy + lo, <const float*>v + lo,
                                        <float*>out + lo, hi - lo, kind)
     elif typenum == cnp.NPY_FLOAT64:
         if dy == NULL:
             fastbn_activation_f64(<const double*>v + lo, <double*>out + lo, hi - lo, kind,
-                                  0.0)
+                                  0.0, wide)
         else:
             fastbn_activation_grad_f64(<const double*>dy + lo, <const double*>v + lo,
                                        <double*>out + lo, hi - lo, kind)
     else:
         _activation_halves(<const unsigned short*>dy, <const unsigned short*>v,
-                           <unsigned short*>out, lo, hi, kind)
+                           <unsigned short*>out, lo, hi, kind, wide)
 
 
 cdef void _activation_pieces(const char* dy, const char* v, char* out, Py_ssize_t n,
-                             int kind, int typenum, int n_threads) noexcept nogil:
+                             int kind, int typenum, bint wide, int n_threads) noexcept nogil:
     cdef Py_ssize_t pieces = (n + BLOCK - 1) // BLOCK, p, lo, hi
     cdef int nt = _threads(n, n_threads)
     if nt == 1:
-        _activation_part(dy, v, out, 0, n, kind, typenum)
+        _activation_part(dy, v, out, 0, n, kind, typenum, wide)
         return
     for p in prange(pieces, schedule="static", num_threads=nt):
         lo = p * BLOCK
         hi = lo + BLOCK if lo + BLOCK < n else n
-        _activation_part(dy, v, out, lo, hi, kind, typenum)
+        _activation_part(dy, v, out, lo, hi, kind, typenum, wide)
 
 
 cdef int _activation_operands(cnp.ndarray first, str first_name, cnp.ndarray v, str v_name,
@@ -1849,17 +1872,25 @@ cdef int _activation_operands(cnp.ndarray first, str first_name, cnp.ndarray v, 
     return t
 
 
-def activation(cnp.ndarray x, cnp.ndarray out, int kind, int n_threads):
+def wide_enabled():
+    """Whether this build has the activations' loops for AVX-512 and this CPU runs them."""
+    return bool(fastbn_have_wide())
+
+
+def activation(cnp.ndarray x, cnp.ndarray out, int kind, bint wide, int n_threads):
     """out = the activation `kind` (0 relu, 1 relu6, 2 sigmoid, 3 tanh, 4 elu) of x,
     elementwise; float16 in float32, rounded once.  relu(-0.0) is +0.0 in float32 and
     float64, -0.0 in float16, as in TF.  C-contiguous arrays of one dtype and size:
-    float32, float64, or float16 where f16c_enabled(); out may be x."""
+    float32, float64, or float16 where f16c_enabled(); out may be x.  `wide`: in the
+    AVX-512 loops (only where wide_enabled())."""
+    if wide and not fastbn_have_wide():
+        raise ValueError("wide needs wide_enabled()")
     cdef int t = _activation_operands(x, "x", x, "x", out, kind)
     cdef const char* xp = <const char*>cnp.PyArray_DATA(x)
     cdef char* op = <char*>cnp.PyArray_DATA(out)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(x)
     with nogil:
-        _activation_pieces(NULL, xp, op, n, kind, t, n_threads)
+        _activation_pieces(NULL, xp, op, n, kind, t, wide, n_threads)
 
 
 def activation_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, int kind, int n_threads):
@@ -1874,7 +1905,7 @@ def activation_grad(cnp.ndarray dy, cnp.ndarray y, cnp.ndarray out, int kind, in
     cdef char* op = <char*>cnp.PyArray_DATA(out)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(dy)
     with nogil:
-        _activation_pieces(dp, yp, op, n, kind, t, n_threads)
+        _activation_pieces(dp, yp, op, n, kind, t, False, n_threads)
 
 
 def moments(cnp.ndarray x, object weights, int n_threads):

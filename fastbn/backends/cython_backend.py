@@ -2,6 +2,9 @@
 
 The kernels (fastbn/_cy/_kernels.pxi) are built twice; the AVX2/FMA build is
 used where the CPU has both (FASTBN_CPU_DISPATCH=baseline forces the other).
+Its activations (sigmoid, tanh, elu: bound by arithmetic, not memory) also have
+AVX-512 loops, used where the CPU has AVX-512F (FASTBN_CPU_DISPATCH=avx2 keeps to
+AVX2; =avx512 requires them).
 Threads: FASTBN_NUM_THREADS if set, else the cores this process may use;
 never more than OpenMP's limit (OMP_NUM_THREADS, or threadpoolctl's).
 When other processes keep the cores busy, an OpenMP call can wait whole
@@ -164,16 +167,23 @@ class ContentionGuard:
 
 
 def _load_kernels():
+    """(the kernel module, its name, whether the activations run in AVX-512)."""
     choice = os.environ.get(DISPATCH_VAR, "auto")
-    if choice not in ("auto", "avx2", "baseline"):
-        raise BackendUnavailable(f"{DISPATCH_VAR} must be auto, avx2 or baseline, got {choice!r}")
-    if choice != "baseline" and (choice == "avx2" or cpu_has_avx2()):
+    if choice not in ("auto", "avx512", "avx2", "baseline"):
+        raise BackendUnavailable(
+            f"{DISPATCH_VAR} must be auto, avx512, avx2 or baseline, got {choice!r}")
+    if choice != "baseline" and (choice in ("avx512", "avx2") or cpu_has_avx2()):
         try:
-            return importlib.import_module("fastbn._cy.kernels_avx2"), "avx2"
+            kernels = importlib.import_module("fastbn._cy.kernels_avx2")
         except ImportError:
-            if choice == "avx2":
+            if choice != "auto":
                 raise
-    return importlib.import_module("fastbn._cy.kernels_baseline"), "baseline"
+        else:
+            wide = choice != "avx2" and kernels.wide_enabled()
+            if choice == "avx512" and not wide:
+                raise BackendUnavailable(f"{DISPATCH_VAR}=avx512: this CPU has no AVX-512F")
+            return kernels, "avx2", wide
+    return importlib.import_module("fastbn._cy.kernels_baseline"), "baseline", False
 
 
 class CythonBackend(Backend):
@@ -181,7 +191,7 @@ class CythonBackend(Backend):
 
     def __init__(self):
         try:
-            self._k, self.isa = _load_kernels()
+            self._k, self.isa, self._wide = _load_kernels()
         except ImportError as err:
             raise BackendUnavailable(
                 f"its compiled kernels are missing ({err}); reinstall fastbn with a C "
@@ -195,8 +205,9 @@ class CythonBackend(Backend):
         self.guard = ContentionGuard()
         halves = "float16 read and written by the kernels" if self._halves else \
             "float16 through float32 copies"
-        self.description = (f"Cython fused kernels ({self.isa}, {mode}; {halves}; outputs "
-                            f"from {self.stream_bytes / 2**20:g} MiB streamed)")
+        wide = "; activations in AVX-512" if self._wide else ""
+        self.description = (f"Cython fused kernels ({self.isa}, {mode}; {halves}{wide}; "
+                            f"outputs from {self.stream_bytes / 2**20:g} MiB streamed)")
 
     def threads(self, size=None):
         """Threads for a kernel call (on `size` elements: small ones run on one)."""
@@ -332,7 +343,7 @@ class CythonBackend(Backend):
             # Strided data, and float16 in the baseline build: NumPy's loops.
             return super().activation(kind, x)
         y = np.empty(x.shape, x.dtype)
-        self._run(self._k.activation, x.size, x, y, ACTIVATIONS.index(kind))
+        self._run(self._k.activation, x.size, x, y, ACTIVATIONS.index(kind), self._wide)
         return y
 
     def activation_grad(self, kind, dy, y, out=None):
