@@ -73,6 +73,10 @@ def main(argv=None):
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the data lives: cpu (default), or cuda (the numba_cuda backend "
                         "on device arrays against torch on CUDA tensors; needs a GPU)")
+    b.add_argument("--ops", default=None,
+                   help="comma-separated ops to time (default: all of them: "
+                        "train,infer,infer_inplace,backward,backward_inplace,layer,tape_relu,"
+                        "sigmoid)")
     b.add_argument("--json", dest="json_path", default=None, help="write the raw figures here")
     b.add_argument("--plot", dest="plot_path", default=None,
                    help="write a bar chart here (PNG; needs matplotlib)")

@@ -20,7 +20,9 @@ torch's F.batch_norm in training mode: what a call costs end to end),
 `tape_relu` (GradientTape.gradient of batch_norm(..., scale=True,
 activation_fn=relu) for x, gamma and beta, against torch autograd of
 F.relu(F.batch_norm(...)): training through the most common activation; its
-roofline is the backward's five passes).
+roofline is the backward's five passes), `sigmoid` (fastbn.nn.sigmoid against
+torch.sigmoid, each into a new array: an activation the kernels compute with an
+exp of their own; two passes).
 Outputs go to preallocated buffers (`out=`) where the side allows it.
 
 `device="cuda"` (`bench --device cuda`) keeps the data on the GPU: the
@@ -50,9 +52,10 @@ CASES = [
     ("NHWC 4x4x4x8 (tiny)", (4, 4, 4, 8), "NHWC"),
 ]
 QUICK_CASES = [CASES[2], CASES[3], CASES[-1]]
-OPS = ("train", "infer", "infer_inplace", "backward", "backward_inplace", "layer", "tape_relu")
+OPS = ("train", "infer", "infer_inplace", "backward", "backward_inplace", "layer", "tape_relu",
+       "sigmoid")
 PASSES = {"train": 3, "infer": 2, "infer_inplace": 2, "backward": 5, "backward_inplace": 5,
-          "layer": 3, "tape_relu": 5}
+          "layer": 3, "tape_relu": 5, "sigmoid": 2}
 COMPARATORS = ("torch", "tf")
 DEVICES = ("cpu", "cuda")
 SETTLE_SECONDS = 0.02
@@ -125,9 +128,12 @@ def _fastbn_side(backend, x, fmt, device="cpu"):
     def tape_relu():
         tape.gradient(y_relu, sources, output_gradients=dy)
 
+    def sigmoid():
+        nn.sigmoid(x)
+
     return {"train": train, "infer": infer, "infer_inplace": infer_inplace,
             "backward": backward, "backward_inplace": backward_inplace, "layer": layer,
-            "tape_relu": tape_relu}
+            "tape_relu": tape_relu, "sigmoid": sigmoid}
 
 
 def _torch_side(x, fmt, threads, device="cpu"):
@@ -172,8 +178,13 @@ def _torch_side(x, fmt, threads, device="cpu"):
     def tape_relu():
         torch.autograd.grad(y_relu, [tg, wg, bg], dy, retain_graph=True)
 
+    def sigmoid():
+        with torch.no_grad():
+            torch.sigmoid(t)
+
     return {"train": train, "infer": infer, "infer_inplace": infer, "backward": backward,
-            "backward_inplace": backward, "layer": train, "tape_relu": tape_relu}
+            "backward_inplace": backward, "layer": train, "tape_relu": tape_relu,
+            "sigmoid": sigmoid}
 
 
 def _tf_side(x, fmt):
@@ -498,7 +509,11 @@ def _progress(done, total, name):
 def main(args):
     names = args.backends.split(",") if args.backends else None
     compare = [c for c in (args.compare.split(",") if args.compare else []) if c]
+    ops = [op for op in (args.ops.split(",") if args.ops else OPS) if op]
     try:
+        unknown = [op for op in ops if op not in OPS]
+        if unknown or not ops:
+            raise ValueError(f"--ops takes {', '.join(OPS)}, got {args.ops!r}")
         for name in names or ():
             fastbn.backends.get(name)  # unknown or unavailable: a clear error now
         for name in compare:
@@ -510,7 +525,7 @@ def main(args):
         print(f"python -m fastbn bench: {err}", file=sys.stderr)
         return 2
     try:
-        report = run(names, compare=compare, quick=args.quick, repeats=args.repeats,
+        report = run(names, compare=compare, quick=args.quick, repeats=args.repeats, ops=ops,
                      progress=_progress, dtype=args.dtype, device=args.device)
     except (ValueError, fastbn.backends.BackendUnavailable) as err:
         print(f"python -m fastbn bench: {err}", file=sys.stderr)

@@ -63,6 +63,17 @@ def test_bench_compare_must_be_known():
     assert result.returncode == 2 and "--compare" in result.stderr
 
 
+def test_bench_ops_chooses_what_is_timed(tmp_path):
+    path = tmp_path / "bench.json"
+    result = _run("bench", "--quick", "--backends", "numpy", "--ops", "sigmoid,infer",
+                  "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    ops = {r["op"] for r in json.loads(path.read_text())["results"]}
+    assert ops == {"sigmoid", "infer"}
+    result = _run("bench", "--quick", "--ops", "train,softmax")
+    assert result.returncode == 2 and "--ops takes" in result.stderr
+
+
 def test_no_command_prints_help():
     result = _run()
     assert result.returncode == 2 and "bench" in result.stdout
