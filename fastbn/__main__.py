@@ -57,6 +57,8 @@ def summarize(args):
 
 
 def main(argv=None):
+    from .bench import OPS
+
     parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="version, backends and whether they work here, threads")
@@ -74,9 +76,7 @@ def main(argv=None):
                    help="where the data lives: cpu (default), or cuda (the numba_cuda backend "
                         "on device arrays against torch on CUDA tensors; needs a GPU)")
     b.add_argument("--ops", default=None,
-                   help="comma-separated ops to time (default: all of them: "
-                        "train,infer,infer_inplace,backward,backward_inplace,layer,tape_relu,"
-                        "sigmoid)")
+                   help=f"comma-separated ops to time (default: all of them: {','.join(OPS)})")
     b.add_argument("--json", dest="json_path", default=None, help="write the raw figures here")
     b.add_argument("--plot", dest="plot_path", default=None,
                    help="write a bar chart here (PNG; needs matplotlib)")
