@@ -312,8 +312,10 @@ def batch_norm(inputs,
       epsilon: Small float added to variance to avoid dividing by zero.  The
         fused implementation raises it to at least 1.001e-5, as TF1 does.
       activation_fn: Activation function, default set to None to skip it and
-        maintain a linear activation.  `fastbn.nn.relu` runs fused into the
-        normalization where the backend can.
+        maintain a linear activation.  fastbn's own (`fastbn.nn.relu`, `relu6`,
+        `sigmoid`, `tanh`, `elu`) are applied as the normalization writes its
+        output where the backend can (relu on every backend), with the bits
+        they give on their own.
       param_initializers: Optional initializers for beta, gamma, moving mean
         and moving variance: a dict of callables `(shape, dtype) -> array`.
       param_regularizers: Optional regularizer for beta and gamma: a dict of
@@ -437,7 +439,8 @@ def batch_norm(inputs,
         initializers=initializers, regularizers=regularizers,
         updates_collections=updates_collections, training=training, reuse=reuse,
         variables_collections=variables_collections, trainable=trainable, scope=scope,
-        fast_relu=activation_fn is nn.relu,
+        # fastbn's own activations are applied as the normalization writes the output.
+        activation=activation_fn if nn.activation_kind(activation_fn) else None,
     )
     default_updates = updates_collections == GraphKeys.UPDATE_OPS
     possible_to_fuse = (batch_weights is None and not renorm and x.ndim in (2, 4)
@@ -456,7 +459,7 @@ def batch_norm(inputs,
         outputs, node = _legacy(batch_weights=batch_weights,
                                 zero_debias=zero_debias_moving_mean, **args)
     outputs = nn.as_caller_kind(outputs, inputs)
-    if activation_fn is not None and activation_fn is not nn.relu:
+    if activation_fn is not None and args["activation"] is None:
         outputs = activation_fn(outputs)
     if node is not None:
         node.inputs = inputs
@@ -531,8 +534,9 @@ def _init(initializers, name, default):
     return default if init is None else init
 
 
-def _normalize(x, axis, mean, variance, offset, scale, epsilon, relu):
-    """The layer's output from per-channel statistics and parameters."""
+def _normalize(x, axis, mean, variance, offset, scale, epsilon, activation):
+    """The layer's output from per-channel statistics and parameters, through
+    `activation` (one of fastbn's, or None)."""
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]
 
@@ -540,11 +544,13 @@ def _normalize(x, axis, mean, variance, offset, scale, epsilon, relu):
         return None if v is None else np.asarray(v).reshape(shape)
 
     return nn.batch_normalization(x, b(mean), b(variance), b(offset), b(scale), epsilon,
-                                  activation=nn.relu if relu else None)
+                                  activation=activation)
 
 
-def _fused_forward(x, axis, gamma, beta, mean, variance, epsilon, training_now, relu):
-    """TF's fused kernel, as tf_slim and Keras call it (float32 parameters)."""
+def _fused_forward(x, axis, gamma, beta, mean, variance, epsilon, training_now, activation):
+    """TF's fused kernel, as tf_slim and Keras call it (float32 parameters), through
+    `activation` (one of fastbn's, or None)."""
+    kind = nn.activation_kind(activation)
     channels = x.shape[axis]
     ct = compute_dtype(x.dtype)
     scale_v = gamma._value.astype(ct, copy=False) if gamma is not None else _filled(channels, ct, 1)
@@ -552,10 +558,10 @@ def _fused_forward(x, axis, gamma, beta, mean, variance, epsilon, training_now, 
     epsilon = max(epsilon, nn.FUSED_MIN_EPSILON)
     if training_now:
         return nn.fused_batch_norm_checked(x, axis, scale_v, offset_v, None, None, epsilon, True,
-                                           relu=relu)
+                                           activation=kind)
     return nn.fused_batch_norm_checked(
         x, axis, scale_v, offset_v, mean._value.astype(ct, copy=False),
-        variance._value.astype(ct, copy=False), epsilon, False, relu=relu)
+        variance._value.astype(ct, copy=False), epsilon, False, activation=kind)
 
 
 @functools.lru_cache(maxsize=64)
@@ -582,7 +588,7 @@ def _check_training_input(x, training_now):
 
 def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularizers,
                 updates_collections, training, reuse, variables_collections, trainable,
-                scope, fast_relu, zero_debias):
+                scope, activation, zero_debias):
     """tf_slim's `_fused_batch_norm`."""
     graph = get_default_graph()
     channels = (x.shape[axis],)
@@ -597,7 +603,7 @@ def _slim_fused(x, axis, decay, center, scale, epsilon, initializers, regularize
             _check_stale(graph, sc.name)
         outputs, mean, variance = _fused_forward(
             x, axis, gamma, beta, moving_mean, moving_variance, epsilon, training_now,
-            fast_relu)
+            activation)
         node = None
         if _tape.recording():
             node = _fused_node(x, axis, gamma, beta, moving_mean, moving_variance, epsilon,
@@ -669,7 +675,7 @@ def _check_stale(graph, layer_name):
 
 def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularizers,
                 updates_collections, training, reuse, variables_collections, trainable,
-                scope, fast_relu, fused, renorm, renorm_clipping, renorm_decay, adjustment):
+                scope, activation, fused, renorm, renorm_clipping, renorm_decay, adjustment):
     """tf_slim's use of the core layer: Keras BatchNormalization (V1 behaviour)."""
     graph = get_default_graph()
     channels = (x.shape[axis],)
@@ -719,7 +725,7 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
         if fused:
             outputs, mean, variance = _fused_forward(
                 x, axis, gamma, beta, moving_mean, moving_variance, epsilon, training_now,
-                fast_relu)
+                activation)
             if collect:
                 if not training_now:
                     mean, variance = _bessel_corrected_moments(x, axis)
@@ -780,7 +786,7 @@ def _core_layer(x, axis, decay, center, scale, epsilon, initializers, regularize
                     update_variance = updates.op(
                         "AssignMovingAvg", _ema_fn(moving_variance, batch_var, decay), deps)
                 updates.collect(update_mean, update_variance)
-        outputs = _normalize(x, axis, mean, variance, offset_v, scale_v, epsilon, fast_relu)
+        outputs = _normalize(x, axis, mean, variance, offset_v, scale_v, epsilon, activation)
         node = None
         if _tape.recording():
             node = _node(x, axis, mean, variance, epsilon, training_now, gamma, beta, moving_mean,
@@ -836,7 +842,7 @@ def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip
 
 def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
             updates_collections, training, reuse, variables_collections, trainable, scope,
-            fast_relu, batch_weights, zero_debias):
+            activation, batch_weights, zero_debias):
     """tf_slim's own implementation: nn.moments / nn.weighted_moments."""
     graph = get_default_graph()
     channels = (x.shape[axis],)
@@ -867,7 +873,7 @@ def _legacy(x, axis, decay, center, scale, epsilon, initializers, regularizers,
             mean, variance = moving_mean._value, moving_variance._value
         outputs = _normalize(x, axis, mean, variance,
                              None if beta is None else beta._value,
-                             None if gamma is None else gamma._value, epsilon, fast_relu)
+                             None if gamma is None else gamma._value, epsilon, activation)
         node = None
         if _tape.recording():
             weights = None

@@ -471,13 +471,14 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     which stays accurate when |mean| >> std (TF's `x * k + (offset - mean*k)`
     does not).  `out` takes an array of x's shape and dtype to write into (x
     itself works: in place; one that overlaps x otherwise is filled from a
-    separate result); `activation=fastbn.nn.relu` applies a ReLU in the same
-    pass.
+    separate result); `activation` (one of fastbn's activations, e.g.
+    `fastbn.nn.relu`) is applied as the output is written, with the bits it
+    gives on its own.
     """
     original = x
     x = as_float_array(x, "x")
     epsilon = _check_epsilon(variance_epsilon, "variance_epsilon")
-    relu_fused = _fused_activation(activation)
+    kind = _fused_activation(activation)
     if out is not None:
         check_out(out, x)
     params = [
@@ -494,7 +495,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
             raise TypeError("batch_normalization of a device array takes per-channel "
                             "parameters (varying along one axis)")
         y = _generic_batch_normalization(x, params, epsilon, out)
-        return np.maximum(y, 0, out=y) if relu_fused else y
+        return _finish(_activated(backends.get_for(y), kind, y), x, out, out)
     if axis == -1:
         shape3 = (x.size, 1, 1)
         channels = 1
@@ -510,20 +511,47 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
         for name, p in params
     }
     offset_v = vec["offset"] if vec["offset"] is not None else np.zeros(channels, ct)
-    y3 = backends.get_for(x).infer_forward(
-        x3, vec["mean"], vec["variance"], vec["scale"], offset_v, epsilon, out=out3,
-        relu=relu_fused)
+    backend = backends.get_for(x)
+    options, left = _activation_options(backend, kind)
+    y3 = backend.infer_forward(x3, vec["mean"], vec["variance"], vec["scale"], offset_v,
+                               epsilon, out=out3, **options)
+    y3 = _activated(backend, left, y3)
     return as_caller_kind(_finish(y3, x, out, out3), original)
 
 
+def activation_kind(activation):
+    """The name (in fastbn.backends.ACTIVATIONS) of `activation` where it is one of
+    fastbn's activations (relu, relu6, sigmoid, tanh, elu), else None."""
+    return next((kind for kind, fn in _ACTIVATIONS.items() if fn is activation), None)
+
+
 def _fused_activation(activation):
-    """True for a ReLU the kernels apply in the normalization pass."""
+    """The name of the activation a normalization applies in its own pass, or None."""
     if activation is None:
-        return False
-    if activation is relu:
-        return True
-    raise ValueError(f"activation must be None or fastbn.nn.relu (the one the kernels fuse), "
-                     f"got {activation!r}")
+        return None
+    kind = activation_kind(activation)
+    if kind is None:
+        raise ValueError(f"activation must be None or one of fastbn's activations "
+                         f"(fastbn.nn.relu, relu6, sigmoid, tanh, elu), got {activation!r}")
+    return kind
+
+
+def _activation_options(backend, kind):
+    """(keyword arguments that make `backend`'s normalizations apply activation `kind`,
+    the activation still to apply after them): relu is fused everywhere; the others
+    where the backend fuses activations."""
+    if kind is None:
+        return {}, None
+    if kind == "relu":
+        return {"relu": True}, None
+    if backend.fuses_activations:
+        return {"activation": kind}, None
+    return {}, kind
+
+
+def _activated(backend, kind, y):
+    """y through activation `kind` (None: y itself), a new array."""
+    return y if kind is None else backend.activation(kind, y)
 
 
 def _generic_batch_normalization(x, params, epsilon, out):
@@ -587,7 +615,9 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
         saves much of an inference's time (no separate output to bring into
         the cache); one overlapping x otherwise is filled from a separate
         result.
-      activation: None, or `fastbn.nn.relu` to apply it in the same pass.
+      activation: None, or one of fastbn's activations (`fastbn.nn.relu`,
+        `relu6`, `sigmoid`, `tanh`, `elu`), applied as the output is written
+        (with the bits it gives on its own).
 
     Returns:
       `(y, mean, variance)`.  In training, the batch mean and the batch
@@ -600,7 +630,7 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
     x = as_float_array(x, "x")
     axis, channels, epsilon, is_training = _fused_arguments(x, data_format, epsilon,
                                                             is_training)
-    relu_fused = _fused_activation(activation)
+    kind = _fused_activation(activation)
     factor = float(exponential_avg_factor)
     if not 0.0 <= factor <= 1.0:
         raise ValueError(f"exponential_avg_factor must be in [0, 1], got {factor}")
@@ -621,29 +651,32 @@ def fused_batch_norm(x, scale, offset, mean=None, variance=None, epsilon=0.001,
         raise ValueError(f"x has no elements per channel to compute batch statistics from "
                          f"(shape {x.shape})")
     y, batch_mean, batch_var = fused_batch_norm_checked(
-        x, axis, scale_v, offset_v, mean_v, var_v, epsilon, is_training, factor, out, relu_fused)
+        x, axis, scale_v, offset_v, mean_v, var_v, epsilon, is_training, factor, out, kind)
     return as_caller_kind(y, original), batch_mean, batch_var
 
 
 def fused_batch_norm_checked(x, axis, scale, offset, mean, variance, epsilon, is_training,
-                             factor=1.0, out=None, relu=False):
+                             factor=1.0, out=None, activation=None):
     """`fused_batch_norm` on arguments already checked: the layer's way in.
 
     `scale`, `offset` (and `mean`, `variance` where needed) are contiguous
     vectors in x's compute dtype; epsilon has its floor applied; training
-    input is not empty.
+    input is not empty; `activation` is the name of one of fastbn's activations,
+    or None.
     """
     shape3 = channel_shape(x.shape, axis)
     x3 = x.reshape(shape3)
     out3 = _out_view(out, shape3, x)
     backend = backends.get_for(x)
+    options, left = _activation_options(backend, activation)
     if not is_training:
         y3 = backend.infer_forward(x3, mean, variance, scale, offset, epsilon, out=out3,
-                                   relu=relu)
-        return _finish(y3, x, out, out3), mean, variance
+                                   **options)
+        return _finish(_activated(backend, left, y3), x, out, out3), mean, variance
     ct = scale.dtype
     y3, batch_mean, batch_var = backend.train_forward(x3, scale, offset, epsilon, out=out3,
-                                                      relu=relu)
+                                                      **options)
+    y3 = _activated(backend, left, y3)
     count = x3.shape[0] * x3.shape[2]
     batch_mean = batch_mean.astype(ct)
     batch_var = (batch_var * bessel_factor(count)).astype(ct)
@@ -758,6 +791,9 @@ def tanh(x, name=None):
 def elu(features, name=None):
     """features if > 0, else exp(features) - 1."""
     return _activation("elu", features, "features")
+
+
+_ACTIVATIONS = {"relu": relu, "relu6": relu6, "sigmoid": sigmoid, "tanh": tanh, "elu": elu}
 
 
 def _activation(kind, value, argument):

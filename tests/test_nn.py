@@ -398,6 +398,57 @@ def rounded_ends(kind, ends):
     return _activation_reference(kind, ends).astype(ends.dtype)
 
 
+# Layouts through every way the normalization writes its output: rows in stretches, rows
+# wider than a tile, runs a few at a time (7x7), long runs, runs channel by channel.
+NORMALIZATION_PATHS = [((64, 9, 9, 16), "NHWC"), ((40, 1300), "NHWC"), ((16, 24, 7, 7), "NCHW"),
+                       ((2, 3, 150, 190), "NCHW"), ((8, 4, 64, 64), "NCHW")]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape,data_format", NORMALIZATION_PATHS)
+def test_activations_applied_by_the_normalizations_give_their_own_bits(
+        backend, dtype, shape, data_format, monkeypatch):
+    if backend.name == "numba_cuda":
+        if shape != NORMALIZATION_PATHS[2][0]:
+            pytest.skip("the paths are the Cython kernels'; one shape will do (and Numba's "
+                        "simulator is slow)")
+        shape = (2,) + shape[1:]
+    x = _data(shape, dtype, loc=0.5, scale=3.0, seed=8)
+    channels = shape[1] if data_format == "NCHW" else shape[-1]
+    scale = np.linspace(0.5, 2.0, channels).astype(np.float32)
+    offset = np.linspace(-1.0, 1.0, channels).astype(np.float32)
+    mean, variance = np.full(channels, 0.4, np.float32), np.full(channels, 2.5, np.float32)
+    ct = np.float64 if dtype == np.float64 else np.float32
+    vector_shape = [1] * len(shape)
+    vector_shape[1 if data_format == "NCHW" else -1] = channels
+    if hasattr(backend, "stream_bytes"):
+        monkeypatch.setattr(backend, "stream_bytes", 1)  # (streamed, but for the activation)
+    for fn in (nn.relu6, nn.sigmoid, nn.tanh, nn.elu):
+        for training in (True, False):
+            args = (x, scale, offset) + (() if training else (mean, variance))
+            kwargs = dict(data_format=data_format, is_training=training)
+            want = np.asarray(fn(nn.fused_batch_norm(*args, **kwargs)[0]))
+            np.testing.assert_array_equal(
+                np.asarray(nn.fused_batch_norm(*args, activation=fn, **kwargs)[0]), want)
+            out = np.empty_like(x)
+            assert nn.fused_batch_norm(*args, activation=fn, out=out, **kwargs)[0] is out
+            np.testing.assert_array_equal(out, want)
+            inplace = x.copy()
+            nn.fused_batch_norm(inplace, *args[1:], activation=fn, out=inplace, **kwargs)
+            np.testing.assert_array_equal(inplace, want)
+        vectors = [v.astype(ct).reshape(vector_shape) for v in (mean, variance, offset, scale)]
+        want = np.asarray(fn(nn.batch_normalization(x, *vectors, 1e-3)))
+        np.testing.assert_array_equal(
+            np.asarray(nn.batch_normalization(x, *vectors, 1e-3, activation=fn)), want)
+    # Parameters varying along several axes (NumPy's broadcasting path).
+    varying = np.linspace(0.5, 1.5, x.shape[0] * channels).astype(ct)
+    varying = varying.reshape((x.shape[0],) + tuple(vector_shape[1:]))
+    want = np.asarray(nn.elu(nn.batch_normalization(x, 0.0, 1.0, None, varying, 1e-3)))
+    got = np.empty_like(x)
+    nn.batch_normalization(x, 0.0, 1.0, None, varying, 1e-3, out=got, activation=nn.elu)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_python_lists_are_float32():
     mean, var = nn.moments([[1.0, 2.0], [3.0, 4.0]], [0])
     assert mean.dtype == np.float32 and mean.tolist() == [2.0, 3.0]

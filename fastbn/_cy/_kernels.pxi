@@ -1335,17 +1335,33 @@ cdef void _halves_stretch(const unsigned short* x, const unsigned short* dy, uns
         e += n
 
 
+cdef inline void _after(floating* y, unsigned short* yh, Py_ssize_t lo, Py_ssize_t hi,
+                        int kind, bint wide) noexcept nogil:
+    """The activation `kind` (none where negative) of y[lo:hi] (of yh[lo:hi] where given:
+    float16 data), in place, just after the normalization wrote it: from the cache, where
+    a pass of its own would read and write the whole array again."""
+    if kind < 0 or hi <= lo:
+        return
+    if floating is float and yh != NULL:
+        _activation_halves(NULL, yh, yh, lo, hi, kind, wide)
+    elif floating is float:
+        fastbn_activation_f32(y + lo, y + lo, hi - lo, kind, 0.0, wide)
+    else:
+        fastbn_activation_f64(y + lo, y + lo, hi - lo, kind, 0.0, wide)
+
+
 cdef inline void _affine_item(const floating* x, const floating* dy, floating* y, Geometry* g,
                               const floating* m, const floating* k, const floating* b,
                               const floating* a, const floating* wt, Py_ssize_t ws_n,
                               Py_ssize_t ws_m, bint relu, bint stream, const floating* ext,
                               Py_ssize_t wrap, Py_ssize_t item, const unsigned short* xh,
-                              const unsigned short* dyh, unsigned short* yh) noexcept nogil:
+                              const unsigned short* dyh, unsigned short* yh, int after,
+                              bint wide) noexcept nogil:
     """One work item of _affine: a stretch of STRETCH elements (where `ext` holds the
     wrapped parameters), a tile of NORM_ROWS wide rows, a row, or consecutive runs
     (_runs_per_item); of float16 data xh, dyh, yh where xh is given (floating float, no
-    weights, not streamed)."""
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, c0, i, n, per
+    weights, not streamed); then the activation `after` of what it wrote (see _after)."""
+    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, r, c, c0, i, n, per, first
     cdef Py_ssize_t width = C + wrap, e0 = item * STRETCH, e1
     cdef bint halves = floating is float and xh != NULL
     cdef Block t
@@ -1357,6 +1373,7 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
         else:
             _affine_stretch(x, dy, y, e0, e1, C, ext, ext + width, ext + 2 * width,
                             NULL if a == NULL else ext + 3 * width, wrap, relu, stream)
+        _after(y, yh, e0, e1, after, wide)
     elif M == 1:
         if C > NORM_TILE:
             t = _norm_tile(g, item)
@@ -1375,9 +1392,11 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
                 _affine_row_out(x + i, _offset(dy, i), y + i, t.w, m + c0, k + c0, b + c0,
                                 _offset(a, c0), 1 if wt == NULL else wt[r * ws_n], relu,
                                 stream)
+            _after(y, yh, i, i + t.w, after, wide)
     else:
         per = _runs_per_item(M)
         r = item * per
+        first = r
         e1 = r + per if r + per < N * C else N * C
         c = r % C
         n = r // C
@@ -1395,17 +1414,20 @@ cdef inline void _affine_item(const floating* x, const floating* dy, floating* y
             if c == C:
                 c = 0
                 n += 1
+        _after(y, yh, first * M, e1 * M, after, wide)
 
 
 cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* g,
                   const floating* m, const floating* k, const floating* b, const floating* a,
                   const floating* wt, Py_ssize_t ws_n, Py_ssize_t ws_m, bint relu,
                   bint stream, int n_threads, const unsigned short* xh=NULL,
-                  const unsigned short* dyh=NULL, unsigned short* yh=NULL) noexcept nogil:
+                  const unsigned short* dyh=NULL, unsigned short* yh=NULL, int after=-1,
+                  bint wide=False) noexcept nogil:
     """The elementwise pass over a whole (N, C, M) array; see above for the formulas.
     `stream`: write y with non-temporal stores.  float16 data (F16C builds) comes as xh,
     dyh and yh instead of x, dy and y (floating float, no weights, not streamed): the
-    float32 arithmetic, rounded once.
+    float32 arithmetic, rounded once.  `after`: an activation applied to each item's
+    output as it is written (see _after; not with `stream`).
 
     Wide rows go in tiles of NORM_TILE channels x NORM_ROWS rows, so that a tile's
     parameters stay in L1 across its rows; narrower rows in stretches across row
@@ -1436,7 +1458,7 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
         item = n_items - 1
         while item >= 0:
             _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap, item,
-                         xh, dyh, yh)
+                         xh, dyh, yh, after, wide)
             item = item - 1
         if stream:
             fastbn_stream_fence()
@@ -1446,7 +1468,7 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
             item = _share_end(n_items, 1) - 1
             while item >= lo:
                 _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap,
-                             item, xh, dyh, yh)
+                             item, xh, dyh, yh, after, wide)
                 item = item - 1
             if stream:
                 fastbn_stream_fence()
@@ -1959,15 +1981,28 @@ def moments(cnp.ndarray x, object weights, int n_threads):
     return out_mean, out_var
 
 
+cdef inline bint _check_after(int after, bint wide, bint stream) except -1:
+    """Whether to stream the output, given the activation `after` the normalization."""
+    if after < -1 or after > 4:
+        raise ValueError(f"after must be -1 (none) or an activation, 0 to 4, got {after}")
+    if wide and not fastbn_have_wide():
+        raise ValueError("wide needs wide_enabled()")
+    # (The activation reads back what the normalization wrote: it has to be cached.)
+    return stream and after < 0
+
+
 def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, cnp.ndarray b,
-              bint relu, bint stream, int n_threads):
+              bint relu, bint stream, int n_threads, *, int after=-1, bint wide=False):
     """out = (x - mean) * k + b per channel (then max(out, 0) if relu); out may be x.
 
     All arrays C-contiguous of x's dtype; x and out (N, C, M), the rest length C.
     `stream`: write out with non-temporal stores (for outputs larger than the cache).
     float16 x and out where f16c_enabled(), with float32 mean, k and b: as for
-    float32 data, rounded once, stored plainly.
+    float32 data, rounded once, stored plainly.  `after` (-1 for none): the activation
+    of that kind (as for activation) of each piece of out as it is written, with the
+    bits the activation of the whole gives (`wide` as there); out is then not streamed.
     """
+    stream = _check_after(after, wide, stream)
     cdef int t = cnp.PyArray_TYPE(x)
     cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
     cdef bint f32 = half or _is_float32(x)
@@ -1992,15 +2027,16 @@ def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, c
             _affine(<const float*>NULL, <const float*>NULL, <float*>NULL, &g,
                     <const float*>mp, <const float*>kp, <const float*>bp, <const float*>NULL,
                     <const float*>NULL, 0, 0, relu, False, n_threads,
-                    <const unsigned short*>xp, NULL, <unsigned short*>yp)
+                    <const unsigned short*>xp, NULL, <unsigned short*>yp, after, wide)
         elif f32:
             _affine(<const float*>xp, <const float*>NULL, <float*>yp, &g, <const float*>mp,
                     <const float*>kp, <const float*>bp, <const float*>NULL, <const float*>NULL,
-                    0, 0, relu, stream, n_threads)
+                    0, 0, relu, stream, n_threads, NULL, NULL, NULL, after, wide)
         else:
             _affine(<const double*>xp, <const double*>NULL, <double*>yp, &g,
                     <const double*>mp, <const double*>kp, <const double*>bp,
-                    <const double*>NULL, <const double*>NULL, 0, 0, relu, stream, n_threads)
+                    <const double*>NULL, <const double*>NULL, 0, 0, relu, stream, n_threads,
+                    NULL, NULL, NULL, after, wide)
 
 
 cdef inline bint _channelwise(Geometry* g, Py_ssize_t bytes_per_element, int nt,
@@ -2016,9 +2052,11 @@ cdef void _train_channelwise(const floating* x, floating* y, Geometry* g,
                              const floating* scale, const floating* offset, double epsilon,
                              bint relu, bint stream, int nt, double* om, double* ov,
                              const unsigned short* x_halves=NULL,
-                             unsigned short* y_halves=NULL) noexcept nogil:
+                             unsigned short* y_halves=NULL, int after=-1,
+                             bint wide=False) noexcept nogil:
     """Statistics then normalisation, one channel at a time per thread; of float16 data
-    x_halves, y_halves where given (floating float, F16C builds, not streamed)."""
+    x_halves, y_halves where given (floating float, F16C builds, not streamed); then the
+    activation `after` of each run written (see _after)."""
     cdef Py_ssize_t c, blk, r, i
     cdef double count, mean, m2, tot, na, n, delta
     cdef floating mc, kc, bc
@@ -2056,6 +2094,7 @@ cdef void _train_channelwise(const floating* x, floating* y, Geometry* g,
                 else:
                     _affine_run_out(x + i, <const floating*>NULL, y + i, g.M, mc, kc, bc, 0,
                                     <const floating*>NULL, 0, relu, stream)
+                _after(y, y_halves, i, i + g.M, after, wide)
         if stream:
             fastbn_stream_fence()
 
@@ -2063,10 +2102,11 @@ cdef void _train_channelwise(const floating* x, floating* y, Geometry* g,
 cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
                  const floating* scale, const floating* offset, double epsilon, bint relu,
                  bint stream, int n_threads, double* work, double* om, double* ov,
-                 const unsigned short* x_halves=NULL,
-                 unsigned short* y_halves=NULL) noexcept nogil:
+                 const unsigned short* x_halves=NULL, unsigned short* y_halves=NULL,
+                 int after=-1, bint wide=False) noexcept nogil:
     """Statistics and the normalization with them; of float16 data x_halves, y_halves
-    where given (x and y NULL, floating float, F16C builds, not streamed)."""
+    where given (x and y NULL, floating float, F16C builds, not streamed); `after` as
+    for _affine."""
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C, c
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     # (float16 runs shorter than CHANNELWISE_RUN_BYTES normalize faster in _affine's
@@ -2074,7 +2114,7 @@ cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
     if _channelwise(g, 2 if x_halves != NULL else sizeof(floating), nt,
                     CHANNELWISE_RUN_BYTES if x_halves != NULL else 0):
         _train_channelwise(x, y, g, scale, offset, epsilon, relu, stream, nt, om, ov,
-                           x_halves, y_halves)
+                           x_halves, y_halves, after, wide)
         return
     _stats(x, g, <const floating*>NULL, 0, 0, 0, n_threads, work, work + size, work + 2 * size,
            om, ov, x_halves)
@@ -2090,7 +2130,8 @@ cdef void _train(floating* tag, const floating* x, floating* y, Geometry* g,
     for c in range(C):
         bv[c] = offset[c]
     _affine(x, <const floating*>NULL, y, g, mv, kv, bv, <const floating*>NULL,
-            <const floating*>NULL, 0, 0, relu, stream, n_threads, x_halves, NULL, y_halves)
+            <const floating*>NULL, 0, 0, relu, stream, n_threads, x_halves, NULL, y_halves,
+            after, wide)
 
 
 cdef void _multipliers(const double* variance, const double* scale, double epsilon,
@@ -2109,20 +2150,23 @@ cdef void _multipliers(const double* variance, const double* scale, double epsil
 cdef void _infer(const floating* x, floating* y, Geometry* g, const floating* mean,
                  const double* variance, const double* scale, const floating* offset,
                  double epsilon, bint relu, bint stream, int n_threads, floating* kv,
-                 const unsigned short* x_halves=NULL,
-                 unsigned short* y_halves=NULL) noexcept nogil:
+                 const unsigned short* x_halves=NULL, unsigned short* y_halves=NULL,
+                 int after=-1, bint wide=False) noexcept nogil:
     """The multipliers, then the normalization; of float16 data x_halves, y_halves where
-    given (x and y NULL, floating float, F16C builds, not streamed)."""
+    given (x and y NULL, floating float, F16C builds, not streamed); `after` as for
+    _affine."""
     _multipliers(variance, scale, epsilon, g.C, kv)
     _affine(x, <const floating*>NULL, y, g, mean, kv, offset, <const floating*>NULL,
-            <const floating*>NULL, 0, 0, relu, stream, n_threads, x_halves, NULL, y_halves)
+            <const floating*>NULL, 0, 0, relu, stream, n_threads, x_halves, NULL, y_halves,
+            after, wide)
 
 
 def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray variance,
                   object scale, cnp.ndarray offset, double epsilon, bint relu, bint stream,
-                  int n_threads):
+                  int n_threads, *, int after=-1, bint wide=False):
     """out = (x - mean) * scale / sqrt(variance + epsilon) + offset per channel (then
-    max(out, 0) if relu): inference with given statistics; out may be x.
+    max(out, 0) if relu): inference with given statistics; out may be x.  `after`,
+    `wide`: as for normalize.
 
     x and out: C-contiguous (N, C, M) of one dtype; mean and offset: vectors of the
     compute dtype; variance and scale (or None for 1): vectors of the compute dtype or
@@ -2130,6 +2174,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     computed in float32 as for float32 data and rounded once, stored plainly; the
     compute dtype is float32 for them.
     """
+    stream = _check_after(after, wide, stream)
     cdef int t = cnp.PyArray_TYPE(x)
     cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
     cdef bint f32 = half or _is_float32(x)
@@ -2162,25 +2207,29 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
         if half:
             _infer(<const float*>NULL, <float*>NULL, &g, <const float*>mp, vp, sp,
                    <const float*>op, epsilon, relu, False, n_threads, <float*>kv,
-                   <const unsigned short*>xp, <unsigned short*>yp)
+                   <const unsigned short*>xp, <unsigned short*>yp, after, wide)
         elif f32:
             _infer(<const float*>xp, <float*>yp, &g, <const float*>mp, vp, sp,
-                   <const float*>op, epsilon, relu, stream, n_threads, <float*>kv)
+                   <const float*>op, epsilon, relu, stream, n_threads, <float*>kv, NULL, NULL,
+                   after, wide)
         else:
             _infer(<const double*>xp, <double*>yp, &g, <const double*>mp, vp, sp,
-                   <const double*>op, epsilon, relu, stream, n_threads, <double*>kv)
+                   <const double*>op, epsilon, relu, stream, n_threads, <double*>kv, NULL,
+                   NULL, after, wide)
     free(kv)
 
 
 def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray offset,
-                  double epsilon, bint relu, bint stream, int n_threads):
+                  double epsilon, bint relu, bint stream, int n_threads, *, int after=-1,
+                  bint wide=False):
     """Batch statistics, then out = normalized x; returns (mean, biased variance), float64.
 
     x and out: C-contiguous (N, C, M) of one dtype, N*C*M > 0 (out may be x); scale and
-    offset: C-contiguous vectors of length C in that dtype.  `stream`: as for normalize.
-    float16 x and out where f16c_enabled(), with float32 scale and offset: the float32
-    arithmetic on their values, rounded once (stored plainly).
+    offset: C-contiguous vectors of length C in that dtype.  `stream`, `after`, `wide`: as
+    for normalize.  float16 x and out where f16c_enabled(), with float32 scale and
+    offset: the float32 arithmetic on their values, rounded once (stored plainly).
     """
+    stream = _check_after(after, wide, stream)
     cdef int t = cnp.PyArray_TYPE(x)
     cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
     cdef bint f32 = half or _is_float32(x)
@@ -2209,13 +2258,15 @@ def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray
         if half:
             _train(<float*>NULL, <const float*>NULL, <float*>NULL, &g, <const float*>sp,
                    <const float*>op, epsilon, relu, False, n_threads, work, om, ov,
-                   <const unsigned short*>xp, <unsigned short*>yp)
+                   <const unsigned short*>xp, <unsigned short*>yp, after, wide)
         elif f32:
             _train(<float*>NULL, <const float*>xp, <float*>yp, &g, <const float*>sp,
-                   <const float*>op, epsilon, relu, stream, n_threads, work, om, ov)
+                   <const float*>op, epsilon, relu, stream, n_threads, work, om, ov, NULL,
+                   NULL, after, wide)
         else:
             _train(<double*>NULL, <const double*>xp, <double*>yp, &g, <const double*>sp,
-                   <const double*>op, epsilon, relu, stream, n_threads, work, om, ov)
+                   <const double*>op, epsilon, relu, stream, n_threads, work, om, ov, NULL,
+                   NULL, after, wide)
     free(work)
     return out_mean, out_var
 

@@ -126,6 +126,10 @@ class Backend:
     description = ""
     # Whether the kernels take device (__cuda_array_interface__) arrays.
     accepts_device_arrays = False
+    # Whether normalize, infer_forward and train_forward take `activation=` (a name of
+    # ACTIVATIONS, applied to their output with the bits `activation` gives it); where
+    # not, fastbn.nn applies it after them.
+    fuses_activations = False
 
     def threads(self):
         """How many threads the backend's kernels use (1 when serial)."""

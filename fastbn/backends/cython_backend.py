@@ -223,16 +223,17 @@ class CythonBackend(Backend):
         """The contention guard's group of a call of `kernel` on `x`."""
         return kernel, x.shape, x.dtype.char
 
-    def _run(self, kernel, size, *args):
-        """kernel(*args, threads), with the thread count `threads(size)` and the guard's."""
+    def _run(self, kernel, size, *args, **options):
+        """kernel(*args, threads, **options), with the thread count `threads(size)` and the
+        guard's."""
         n = self.threads(size)
         if n <= 1:
-            return kernel(*args, 1)
+            return kernel(*args, 1, **options)
         group = self.guard_group(kernel, args[0])
         guard = self.guard
         used = guard.threads(group, n)
         start = time.perf_counter()
-        result = kernel(*args, used)
+        result = kernel(*args, used, **options)
         guard.record(group, used, time.perf_counter() - start)
         return result
 
@@ -321,21 +322,41 @@ class CythonBackend(Backend):
             w = np.broadcast_to(np.ascontiguousarray(w), xk.shape)
         return self._run(self._k.moments, xk.size, xk, w)
 
-    def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
+    # The normalizations take `activation` (a name of ACTIVATIONS, or None): applied to
+    # the output as the kernels write it, or after where they write a float32 copy of
+    # float16 data (an activation of the rounded values, as applied on its own).
+    fuses_activations = True
+
+    def _after(self, activation, x, y):
+        """The kernels' code for `activation` on y as they write it, else -1."""
+        return -1 if activation is None or y.dtype != x.dtype else ACTIVATIONS.index(activation)
+
+    def _activated(self, activation, after, result, out):
+        """`result` (in `out` where given) through `activation` where the kernels did not
+        apply it."""
+        if activation is None or after >= 0:
+            return result
+        return self._finish(result, self.activation(activation, result), out)
+
+    def normalize(self, x, mean, multiplier, offset, out=None, relu=False, activation=None):
         xk, ct, y = self._operands(x, out)
+        after = self._after(activation, x, y)
         self._run(self._k.normalize, xk.size, xk, y, np.ascontiguousarray(mean, ct),
                   np.ascontiguousarray(multiplier, ct), np.ascontiguousarray(offset, ct),
-                  bool(relu), self._stream(y, xk))
-        return self._finish(x, y, out)
+                  bool(relu), self._stream(y, xk), after=after, wide=self._wide)
+        return self._activated(activation, after, self._finish(x, y, out), out)
 
-    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
+    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False,
+                      activation=None):
         xk, ct, y = self._operands(x, out)
+        after = self._after(activation, x, y)
         self._run(
             self._k.infer_forward, xk.size, xk, y, np.ascontiguousarray(mean, ct),
             np.ascontiguousarray(variance, ct),
             None if scale is None else np.ascontiguousarray(scale, ct),
-            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk))
-        return self._finish(x, y, out)
+            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk),
+            after=after, wide=self._wide)
+        return self._activated(activation, after, self._finish(x, y, out), out)
 
     def activation(self, kind, x):
         if not (kind in ACTIVATIONS and x.flags.c_contiguous
@@ -356,14 +377,18 @@ class CythonBackend(Backend):
         self._run(self._k.activation_grad, dy.size, dy, y, result, ACTIVATIONS.index(kind))
         return result
 
-    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
+    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False,
+                      activation=None):
         if weights is not None:
-            return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
+            y, mean, var = super().train_forward(x, scale, offset, epsilon, weights, out, relu)
+            return self._activated(activation, -1, y, out), mean, var
         xk, ct, y = self._operands(x, out)
+        after = self._after(activation, x, y)
         mean, var = self._run(
             self._k.train_forward, xk.size, xk, y, np.ascontiguousarray(scale, ct),
-            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk))
-        return self._finish(x, y, out), mean, var
+            np.ascontiguousarray(offset, ct), float(epsilon), bool(relu), self._stream(y, xk),
+            after=after, wide=self._wide)
+        return self._activated(activation, after, self._finish(x, y, out), out), mean, var
 
     def grad_reductions(self, x, dy, mean):
         xk = self._input(x)
