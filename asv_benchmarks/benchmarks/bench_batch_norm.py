@@ -99,6 +99,13 @@ class Layer(Benchmark):
             fastbn.batch_norm(self.x, scale=True, data_format=self.data_format, scope="bn",
                               reuse=fastbn.AUTO_REUSE, updates_collections=None)
 
+    def time_batch_norm_sigmoid(self, backend, case):
+        # The activation applied as the normalization writes its output (Cython backend).
+        with fastbn.backends.use(backend), self.graph.as_default():
+            fastbn.batch_norm(self.x, scale=True, data_format=self.data_format, scope="bn",
+                              reuse=fastbn.AUTO_REUSE, updates_collections=None,
+                              activation_fn=fastbn.nn.sigmoid)
+
     def time_batch_norm_with_tape(self, backend, case):
         self._forward_and_gradient(backend, None)
 
