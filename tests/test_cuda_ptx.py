@@ -34,7 +34,7 @@ def _signatures(dt):
     flat = t.Array(dt, 1, "C")
     f64_rows, ct_rows = t.Array(F64, 2, "C"), t.Array(ct, 2, "C")
     sums = (data, data, f64_rows, t.boolean, t.int64, t.int64, t.boolean)
-    affine = (data, data, data, ct_rows, data, t.boolean, t.boolean)
+    affine = (data, data, data, ct_rows, data, t.boolean, t.boolean, t.int64, t.boolean)
     signatures = {
         "rows_sums": sums, "runs_sums": sums,
         "combine": (f64_rows, f64_rows, ct_rows, F64, F64, t.int64),

@@ -399,9 +399,12 @@ def rounded_ends(kind, ends):
 
 
 # Layouts through every way the normalization writes its output: rows in stretches, rows
-# wider than a tile, runs a few at a time (7x7), long runs, runs channel by channel.
+# wider than a tile, runs a few at a time (7x7), long runs, runs channel by channel, and
+# rows of 3 channels (the CUDA backend's flat kernel; its rows and runs kernels: the
+# first and third).
 NORMALIZATION_PATHS = [((64, 9, 9, 16), "NHWC"), ((40, 1300), "NHWC"), ((16, 24, 7, 7), "NCHW"),
-                       ((2, 3, 150, 190), "NCHW"), ((8, 4, 64, 64), "NCHW")]
+                       ((2, 3, 150, 190), "NCHW"), ((8, 4, 64, 64), "NCHW"), ((50, 3), "NHWC")]
+CUDA_PATHS = [NORMALIZATION_PATHS[i][0] for i in (0, 2, 5)]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -409,9 +412,9 @@ NORMALIZATION_PATHS = [((64, 9, 9, 16), "NHWC"), ((40, 1300), "NHWC"), ((16, 24,
 def test_activations_applied_by_the_normalizations_give_their_own_bits(
         backend, dtype, shape, data_format, monkeypatch):
     if backend.name == "numba_cuda":
-        if shape != NORMALIZATION_PATHS[2][0]:
-            pytest.skip("the paths are the Cython kernels'; one shape will do (and Numba's "
-                        "simulator is slow)")
+        # Its rows, runs and flat kernels, on few rows (Numba's simulator is slow).
+        if shape not in CUDA_PATHS:
+            pytest.skip("the CUDA kernels' layouts are those of CUDA_PATHS")
         shape = (2,) + shape[1:]
     x = _data(shape, dtype, loc=0.5, scale=3.0, seed=8)
     channels = shape[1] if data_format == "NCHW" else shape[-1]

@@ -222,16 +222,19 @@ class Backend:
         np.copyto(out, g, casting="unsafe")
         return out
 
-    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
+    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False,
+                      **activation):
         """Batch statistics and the output normalized with them, in one call.
 
         Returns `(y, mean, variance)` with the biased variance.  `scale` and
-        `offset` are per-channel vectors.
+        `offset` are per-channel vectors.  `activation=` goes to normalize (where the
+        backend fuses activations).
         """
         mean, variance = self.moments(x, weights)
         ct = compute_dtype(x.dtype)
         multiplier = per_channel_multiplier(variance, scale, epsilon, ct)
-        y = self.normalize(x, mean.astype(ct), multiplier, offset, out=out, relu=relu)
+        y = self.normalize(x, mean.astype(ct), multiplier, offset, out=out, relu=relu,
+                           **activation)
         return y, mean, variance
 
     def backward(self, x, dy, mean, variance, scale, epsilon, training, weights=None,
@@ -263,11 +266,13 @@ class Backend:
                              weights=weights, out=out)
         return dx, sum_dy, sum_dy_xhat
 
-    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False):
-        """The output normalized with given statistics (inference)."""
+    def infer_forward(self, x, mean, variance, scale, offset, epsilon, out=None, relu=False,
+                      **activation):
+        """The output normalized with given statistics (inference); `activation=` as
+        for train_forward."""
         ct = compute_dtype(x.dtype)
         multiplier = per_channel_multiplier(variance, scale, epsilon, ct)
-        return self.normalize(x, mean, multiplier, offset, out=out, relu=relu)
+        return self.normalize(x, mean, multiplier, offset, out=out, relu=relu, **activation)
 
     def __repr__(self):
         return f"<fastbn backend {self.name!r}>"

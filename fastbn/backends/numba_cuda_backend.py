@@ -329,25 +329,31 @@ def stage(source, target):
         target[r, c] = source[r, c]
 
 
+@_device
+def _activation_value(v, kind, half):
+    """The activation `kind` (its index in ACTIVATIONS) of the float64 v, with the host's
+    zeros and NaNs: NaN passes, relu(-0.0) is -0.0 for float16 data (`half`) and +0.0
+    otherwise, elu(-0.0) is -0.0."""
+    if kind == 0 or kind == 1:
+        r = v if v > 0.0 or v != v or (half and v == 0.0) else 0.0
+        if kind == 1 and r > 6.0:
+            r = 6.0
+    elif kind == 2:
+        e = math.exp(-abs(v))
+        r = 1.0 / (1.0 + e) if v >= 0.0 else e / (1.0 + e)
+    elif kind == 3:
+        r = math.tanh(v)
+    else:
+        r = math.expm1(v) if v < 0.0 else v
+    return r
+
+
 @_jit
 def activation(x, y, kind, half):
-    """y = the activation `kind` (its index in ACTIVATIONS) of x, over 1-D arrays, in
-    float64 rounded once, with the host's zeros and NaNs: NaN passes, relu(-0.0) is
-    -0.0 for float16 data (`half`) and +0.0 otherwise, elu(-0.0) is -0.0."""
+    """y = the activation `kind` of x (see _activation_value), over 1-D arrays, in float64
+    rounded once."""
     for i in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-        v = float(x[i])
-        if kind == 0 or kind == 1:
-            r = v if v > 0.0 or v != v or (half and v == 0.0) else 0.0
-            if kind == 1 and r > 6.0:
-                r = 6.0
-        elif kind == 2:
-            e = math.exp(-abs(v))
-            r = 1.0 / (1.0 + e) if v >= 0.0 else e / (1.0 + e)
-        elif kind == 3:
-            r = math.tanh(v)
-        else:
-            r = math.expm1(v) if v < 0.0 else v
-        y[i] = r
+        y[i] = _activation_value(float(x[i]), kind, half)
 
 
 @_jit
@@ -384,6 +390,15 @@ def _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu):
 
 
 @_device
+def _put(y, i, j, m, t, after, half):
+    """y[i, j, m] = t, then the activation `after` (none where negative) of the value
+    stored: the bits the activation gives that output on its own."""
+    y[i, j, m] = t
+    if after >= 0:
+        y[i, j, m] = _activation_value(float(y[i, j, m]), after, half)
+
+
+@_device
 def _rows_of(a, r0, r1, r2, r3, c):
     return a[r0, c, 0], a[r1, c, 0], a[r2, c, 0], a[r3, c, 0]
 
@@ -395,15 +410,16 @@ def _positions_of(a, n, c, m0, m1, m2, m3):
 
 def _affine_kernels(kind, has_dy):
     """The elementwise kernels of one pass, one per layout (kind_rows, kind_runs,
-    kind_flat), all with the arguments (x, dy, y, coef, w, has_w, relu):
-      normalization (has_dy False)  y = (x - mean) * k + b, then max(y, 0) with `relu`
+    kind_flat), all with the arguments (x, dy, y, coef, w, has_w, relu, after, half):
+      normalization (has_dy False)  y = (x - mean) * k + b, then max(y, 0) with `relu`,
+                                    then the activation `after` (see _put)
       input gradient (has_dy True)  y = a * dy + w * ((x - mean) * k + b)
     coef holds mean, k, b (and a) per channel; w is one weight per position, or 1
     without `has_w`.  dy without has_dy, and w without has_w, are never read: any
     array of the right dtype stands in.  `has_dy` is fixed when the kernels are
     compiled, so each pass's kernels carry no code of the other's."""
 
-    def rows(x, dy, y, coef, w, has_w, relu):
+    def rows(x, dy, y, coef, w, has_w, relu, after, half):
         # A thread per channel of a tile of CHANNELS_PER_BLOCK, stepping down the rows.
         c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
         if c < x.shape[1]:
@@ -425,19 +441,24 @@ def _affine_kernels(kind, has_dy):
                 w0 = w1 = w2 = w3 = k
                 if has_w:
                     w0, w1, w2, w3 = _rows_of(w, r, r1, r2, r3, 0)
-                y[r, c, 0] = _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu)
-                y[r1, c, 0] = _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu)
-                y[r2, c, 0] = _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu)
-                y[r3, c, 0] = _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu)
+                _put(y, r, c, 0, _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
+                _put(y, r1, c, 0, _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
+                _put(y, r2, c, 0, _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
+                _put(y, r3, c, 0, _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
                 r += UNROLL * step
             while r < n:
                 v = x[r, c, 0]
                 d = dy[r, c, 0] if has_dy else v
                 wv = w[r, 0, 0] if has_w else k
-                y[r, c, 0] = _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu)
+                _put(y, r, c, 0, _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
                 r += step
 
-    def runs(x, dy, y, coef, w, has_w, relu):
+    def runs(x, dy, y, coef, w, has_w, relu, after, half):
         # A block per (n, c) run at a time, its threads along the run.
         channels = x.shape[1]
         size = x.shape[2]
@@ -461,19 +482,24 @@ def _affine_kernels(kind, has_dy):
                 w0 = w1 = w2 = w3 = k
                 if has_w:
                     w0, w1, w2, w3 = _positions_of(w, n, 0, m, m1, m2, m3)
-                y[n, c, m] = _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu)
-                y[n, c, m1] = _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu)
-                y[n, c, m2] = _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu)
-                y[n, c, m3] = _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu)
+                _put(y, n, c, m, _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
+                _put(y, n, c, m1, _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
+                _put(y, n, c, m2, _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
+                _put(y, n, c, m3, _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
                 m += UNROLL * step
             while m < size:
                 v = x[n, c, m]
                 d = dy[n, c, m] if has_dy else v
                 wv = w[n, 0, m] if has_w else k
-                y[n, c, m] = _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu)
+                _put(y, n, c, m, _affine_value(v, d, wv, mean, k, b, a, has_dy, has_w, relu),
+                     after, half)
                 m += step
 
-    def flat(x, dy, y, coef, w, has_w, relu):
+    def flat(x, dy, y, coef, w, has_w, relu, after, half):
         # Rows of few channels: a thread per element.
         channels = x.shape[1]
         for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
@@ -484,8 +510,8 @@ def _affine_kernels(kind, has_dy):
             d = dy[n, c, 0] if has_dy else v
             wv = w[n, 0, 0] if has_w else k
             a = coef[3, c] if has_dy else k
-            y[n, c, 0] = _affine_value(v, d, wv, coef[0, c], k, coef[2, c], a, has_dy, has_w,
-                                       relu)
+            _put(y, n, c, 0, _affine_value(v, d, wv, coef[0, c], k, coef[2, c], a, has_dy,
+                                           has_w, relu), after, half)
 
     kernels = {}
     for layout, fn in (("rows", rows), ("runs", runs), ("flat", flat)):
@@ -756,10 +782,11 @@ class NumbaCudaBackend(Backend):
             result = COEFFICIENTS
         self._sums(d_x, d_w, w_c, self._parts_buffer(d_x), True, io, coef, epsilon, result)
 
-    def _affine(self, d_x, d_dy, d_out, coef, d_w=None, relu=False):
+    def _affine(self, d_x, d_dy, d_out, coef, d_w=None, relu=False, activation=None):
         """The elementwise kernel for d_x's layout: d_out = the normalization of d_x with
-        coef's mean, k and b, or with d_dy the input gradient (coef's a too; weights d_w
-        where given).  An array absent is never read: d_x stands in for it."""
+        coef's mean, k and b (then `activation`, a name of ACTIVATIONS, where given), or
+        with d_dy the input gradient (coef's a too; weights d_w where given).  An array
+        absent is never read: d_x stands in for it."""
         n, c, m = d_x.shape
         if m > 1:
             threads = min(RUN_THREADS, 32 * math.ceil(m / 32))
@@ -771,8 +798,10 @@ class NumbaCudaBackend(Backend):
         else:
             (grid, block), layout = _flat_launch(n * c), "flat"
         kind = "normalize" if d_dy is None else "grad"
+        after = -1 if activation is None else ACTIVATIONS.index(activation)
         self._run(f"{kind}_{layout}", grid, block, d_x, d_x if d_dy is None else d_dy, d_out,
-                  coef, d_x if d_w is None else d_w, d_w is not None, bool(relu))
+                  coef, d_x if d_w is None else d_w, d_w is not None, bool(relu), after,
+                  d_out.dtype == np.float16)
 
     def _on_device(self, vectors, dtype, device=None):
         """The per-channel `vectors` as the first rows of a device array of `dtype`
@@ -798,13 +827,16 @@ class NumbaCudaBackend(Backend):
         self._wait()
         return _host_copy(io[2]), _host_copy(io[3])
 
-    def normalize(self, x, mean, multiplier, offset, out=None, relu=False):
+    # The normalizations apply `activation` as they store each value.
+    fuses_activations = True
+
+    def normalize(self, x, mean, multiplier, offset, out=None, relu=False, activation=None):
         d_x, on_host = self._compute_input(x)
         ct = compute_dtype(d_x.dtype)
         d_out = self._output(d_x, out)
         if d_x.size:
             coef = self._on_device((mean, multiplier, offset), ct)
-            self._affine(d_x, None, d_out, coef, relu=relu)
+            self._affine(d_x, None, d_out, coef, relu=relu, activation=activation)
             self._wait()
         return self._finish_output(d_out, x, on_host, out)
 
@@ -827,10 +859,12 @@ class NumbaCudaBackend(Backend):
             self._wait()
         return self._finish_output(d_out, dy, on_host, out)
 
-    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False):
+    def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False,
+                      activation=None):
         n, c, m = x.shape
         if n * m == 0 or c == 0:
-            return super().train_forward(x, scale, offset, epsilon, weights, out, relu)
+            return super().train_forward(x, scale, offset, epsilon, weights, out, relu,
+                                         activation=activation)
         d_x, on_host = self._compute_input(x)
         ct = compute_dtype(d_x.dtype)
         io = self._buffer("io", (4, c), np.float64, mapped=True)
@@ -839,7 +873,7 @@ class NumbaCudaBackend(Backend):
         coef = self._buffer("coefficients", (3, c), ct)
         self._statistics(d_x, weights, io, coef, epsilon)
         d_out = self._output(d_x, out)
-        self._affine(d_x, None, d_out, coef, relu=relu)
+        self._affine(d_x, None, d_out, coef, relu=relu, activation=activation)
         self._wait()
         mean, variance = _host_copy(io[2]), _host_copy(io[3])
         return self._finish_output(d_out, x, on_host, out), mean, variance
