@@ -134,6 +134,23 @@ def test_activation_bits_do_not_depend_on_the_vector_width(dtype):
         KERNELS[0].activation(x, x.copy(), 2, True, 1)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_activation_kernel_arguments_are_checked(kernels):
+    x = np.ones((4, 3, 1), np.float32)
+    v = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="kind must be 0 to 4, got 5"):
+        kernels.activation(x, x.copy(), 5, False, 1)
+    with pytest.raises(ValueError, match="after must be -1 .* got 5"):
+        kernels.normalize(x, x.copy(), v, v, v, False, False, 1, after=5)
+    with pytest.raises(ValueError, match="after must be -1 .* got -2"):
+        kernels.train_forward(x, x.copy(), v, v, 1e-3, False, False, 1, after=-2)
+    with pytest.raises(ValueError, match="after must be"):
+        kernels.infer_forward(x, x.copy(), v, v, v, v, 1e-3, False, False, 1, after=9)
+    if not kernels.wide_enabled():
+        with pytest.raises(ValueError, match="wide needs wide_enabled"):
+            kernels.normalize(x, x.copy(), v, v, v, False, False, 1, after=2, wide=True)
+
+
 def test_thread_settings(monkeypatch):
     backend = fastbn.backends.get("cython")
     monkeypatch.setenv("FASTBN_NUM_THREADS", "1")

@@ -1343,11 +1343,10 @@ cdef inline void _after(floating* y, unsigned short* yh, Py_ssize_t lo, Py_ssize
     if kind < 0 or hi <= lo:
         return
     if floating is float and yh != NULL:
-        _activation_halves(NULL, yh, yh, lo, hi, kind, wide)
-    elif floating is float:
-        fastbn_activation_f32(y + lo, y + lo, hi - lo, kind, 0.0, wide)
+        _activation_part(NULL, <const char*>yh, <char*>yh, lo, hi, kind, cnp.NPY_FLOAT16, wide)
     else:
-        fastbn_activation_f64(y + lo, y + lo, hi - lo, kind, 0.0, wide)
+        _activation_part(NULL, <const char*>y, <char*>y, lo, hi, kind,
+                         cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, wide)
 
 
 cdef inline void _affine_item(const floating* x, const floating* dy, floating* y, Geometry* g,
@@ -1899,14 +1898,19 @@ def wide_enabled():
     return bool(fastbn_have_wide())
 
 
+cdef inline int _check_wide(bint wide) except -1:
+    if wide and not fastbn_have_wide():
+        raise ValueError("wide needs wide_enabled()")
+    return 0
+
+
 def activation(cnp.ndarray x, cnp.ndarray out, int kind, bint wide, int n_threads):
     """out = the activation `kind` (0 relu, 1 relu6, 2 sigmoid, 3 tanh, 4 elu) of x,
     elementwise; float16 in float32, rounded once.  relu(-0.0) is +0.0 in float32 and
     float64, -0.0 in float16, as in TF.  C-contiguous arrays of one dtype and size:
     float32, float64, or float16 where f16c_enabled(); out may be x.  `wide`: in the
     AVX-512 loops (only where wide_enabled())."""
-    if wide and not fastbn_have_wide():
-        raise ValueError("wide needs wide_enabled()")
+    _check_wide(wide)
     cdef int t = _activation_operands(x, "x", x, "x", out, kind)
     cdef const char* xp = <const char*>cnp.PyArray_DATA(x)
     cdef char* op = <char*>cnp.PyArray_DATA(out)
@@ -1985,8 +1989,7 @@ cdef inline bint _check_after(int after, bint wide, bint stream) except -1:
     """Whether to stream the output, given the activation `after` the normalization."""
     if after < -1 or after > 4:
         raise ValueError(f"after must be -1 (none) or an activation, 0 to 4, got {after}")
-    if wide and not fastbn_have_wide():
-        raise ValueError("wide needs wide_enabled()")
+    _check_wide(wide)
     # (The activation reads back what the normalization wrote: it has to be cached.)
     return stream and after < 0
 
