@@ -451,6 +451,29 @@ def test_activations_applied_by_the_normalizations_give_their_own_bits(
         nn.batch_normalization(x, *vectors, 1e-3, activation=np.tanh)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_activations_of_strided_input_land_in_out(backend, dtype, data_format):
+    # Strided data goes to the kernels as a copy (float16 as float32, the activation
+    # applied after rounding): with out= the activated result is written there.
+    x = _data((6, 3, 4, 5), dtype, loc=0.5, scale=3.0, seed=9)[::-2]
+    assert not x.flags.c_contiguous
+    channels = x.shape[1] if data_format == "NCHW" else x.shape[-1]
+    scale, offset = np.linspace(0.5, 2.0, channels), np.linspace(-1.0, 1.0, channels)
+    scale, offset = (v.astype(np.float64 if dtype == np.float64 else np.float32)
+                     for v in (scale, offset))
+    for fn in (nn.relu, nn.relu6, nn.sigmoid, nn.tanh, nn.elu):
+        for training in (True, False):
+            args = (x, scale, offset) + (() if training else (offset, scale))
+            kwargs = dict(data_format=data_format, is_training=training, activation=fn)
+            want = np.asarray(nn.fused_batch_norm(*args, **kwargs)[0])
+            np.testing.assert_array_equal(want, np.asarray(fn(nn.fused_batch_norm(
+                *args, data_format=data_format, is_training=training)[0])))
+            out = np.empty(x.shape, dtype)
+            assert nn.fused_batch_norm(*args, out=out, **kwargs)[0] is out
+            np.testing.assert_array_equal(out, want)
+
+
 def test_python_lists_are_float32():
     mean, var = nn.moments([[1.0, 2.0], [3.0, 4.0]], [0])
     assert mean.dtype == np.float32 and mean.tolist() == [2.0, 3.0]

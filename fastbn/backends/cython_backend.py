@@ -336,7 +336,12 @@ class CythonBackend(Backend):
         apply it."""
         if activation is None or after >= 0:
             return result
-        return self._finish(result, self.activation(activation, result), out)
+        activated = self.activation(activation, result)
+        if out is None:
+            return activated
+        # (Not _finish: that converts the kernels' float32 copies, and this is x's dtype.)
+        np.copyto(out, activated)
+        return out
 
     def normalize(self, x, mean, multiplier, offset, out=None, relu=False, activation=None):
         xk, ct, y = self._operands(x, out)
