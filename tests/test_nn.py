@@ -474,6 +474,65 @@ def test_activations_of_strided_input_land_in_out(backend, dtype, data_format):
             np.testing.assert_array_equal(out, want)
 
 
+def _laid_out(a, layout):
+    """a's values in another memory layout: Fortran order, every other row of a larger
+    array, or rows reversed."""
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "step":
+        return np.repeat(a, 2, axis=0)[::2]
+    if layout == "reversed":
+        return a[::-1].copy()[::-1]
+    return a
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=hnp.array_shapes(min_dims=2, max_dims=5, min_side=1, max_side=6),
+       dtype=st.sampled_from(FLOATS), data_format=st.sampled_from(["NHWC", "NCHW"]),
+       training=st.booleans(), layouts=st.tuples(*[st.sampled_from(["C", "F", "step",
+                                                                      "reversed"])] * 2),
+       out=st.sampled_from([None, "new", "over"]),
+       activation=st.sampled_from([None, nn.relu, nn.relu6, nn.sigmoid, nn.tanh, nn.elu]),
+       seed=st.integers(0, 1000))
+def test_fused_ops_agree_with_the_reference_in_any_layout(
+        backend, shape, dtype, data_format, training, layouts, out, activation, seed):
+    # The forward (with an activation) and the gradient of data in any memory layout,
+    # returned, written into a given array or written over the input: the NumPy
+    # reference's values, and no other array of the caller's touched.
+    channels = shape[1] if data_format == "NCHW" else shape[-1]
+    ct = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(seed)
+    scale, offset = (rng.random(channels) + 0.5).astype(ct), rng.standard_normal(channels)
+    mean, variance = rng.standard_normal(channels).astype(ct), rng.random(channels) + 0.1
+    offset, variance = offset.astype(ct), variance.astype(ct)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    stats = () if training else (mean, variance)
+
+    def run():
+        xc, dyc = _laid_out(x.copy(), layouts[0]), _laid_out(dy.copy(), layouts[1])
+        dest = {None: None, "new": np.empty(shape, dtype), "over": xc}[out]
+        y = nn.fused_batch_norm(xc, scale, offset, *stats, data_format=data_format,
+                                is_training=training, activation=activation, out=dest)[0]
+        dest = {None: None, "new": np.empty(shape, dtype), "over": dyc}[out]
+        grads = nn.fused_batch_norm_grad(dyc, _laid_out(x, layouts[0]), scale, mean,
+                                         variance, data_format=data_format,
+                                         is_training=training, out=dest)
+        if out != "over":
+            np.testing.assert_array_equal(xc, x)
+            np.testing.assert_array_equal(dyc, dy)
+        return [np.asarray(y)] + [np.asarray(g) for g in grads]
+
+    got = run()
+    with fb.backends.use("numpy"):
+        want = run()
+    for g, w in zip(got, want):
+        w = w.astype(np.float64)
+        np.testing.assert_allclose(g, w, rtol=RTOL[dtype],
+                                   atol=RTOL[dtype] * max(1.0, np.abs(w).max()))
+
+
 def test_python_lists_are_float32():
     mean, var = nn.moments([[1.0, 2.0], [3.0, 4.0]], [0])
     assert mean.dtype == np.float32 and mean.tolist() == [2.0, 3.0]
