@@ -408,8 +408,12 @@ def weighted_moments(x, axes, frequency_weights, name=None, keep_dims=None, keep
             f"frequency_weights of shape {w.shape} must broadcast to x's shape {x.shape}"
         )
     x3, perm, kept = _reduced_view(x, axes)
-    w3 = _weights_view(w, x, x3, perm, kept, compute_dtype(x.dtype))
-    mean, variance = backends.get_for(x).moments(x3, w3)
+    if x3.shape[0] * x3.shape[2] == 0:
+        # No values: a total weight of 0, and TF's div_no_nan gives 0.
+        mean = variance = np.zeros(x3.shape[1])
+    else:
+        w3 = _weights_view(w, x, x3, perm, kept, compute_dtype(x.dtype))
+        mean, variance = backends.get_for(x).moments(x3, w3)
     return _moments_result(x, axes, kept, mean, variance, keep, x.dtype)
 
 

@@ -300,6 +300,34 @@ def test_fused_batch_norm_parameter_checks(bad, error):
         nn.fused_batch_norm(np.zeros((0, 3), np.float32), np.ones(3), np.zeros(3))
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (0, 3, 4), (2, 0, 4), (2, 3, 0),
+                                   (2, 3, 2, 0), (2, 2, 0, 3)])
+def test_empty_reductions_and_normalizations(backend, shape):
+    # Nothing to reduce over: tf.nn.moments gives NaN (0 / 0), weighted_moments 0 (its
+    # div_no_nan); an empty array normalizes to an empty array.  (An empty last axis
+    # with others kept once divided by zero in the Cython kernels' block layout.)
+    x = np.zeros(shape, np.float32)
+    for axes in ([0], [x.ndim - 1], list(range(x.ndim))):
+        kept = [a for a in range(x.ndim) if a not in axes]
+        empty = any(x.shape[a] == 0 for a in axes)
+        mean, var = nn.moments(x, axes)
+        wmean, wvar = nn.weighted_moments(x, axes, np.ones(shape, np.float32))
+        assert mean.shape == var.shape == wmean.shape == tuple(x.shape[a] for a in kept)
+        if mean.size and empty:
+            assert np.isnan(mean).all() and np.isnan(var).all()
+            assert (wmean == 0).all() and (wvar == 0).all()
+    assert nn.batch_normalization(x, 0.0, 1.0, None, None, 1e-3).shape == shape
+    assert nn.sigmoid(x).shape == shape
+    channels = shape[1]
+    if channels == 0:
+        return  # (refused: the fused op needs a channel)
+    y, _, _ = nn.fused_batch_norm(x, np.ones(channels), np.zeros(channels), np.zeros(channels),
+                                  np.ones(channels), data_format="NCHW", is_training=False)
+    dx, dscale, doffset = nn.fused_batch_norm_grad(x, x, np.ones(channels), np.zeros(channels),
+                                                   np.ones(channels), data_format="NCHW")
+    assert y.shape == dx.shape == shape and (dscale == 0).all() and (doffset == 0).all()
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_data_gives_nan_quietly(backend, value):
     # As TF: NaN (or the infinity itself) where the data is not finite, finite numbers in

@@ -551,10 +551,13 @@ cdef Geometry _geometry(Py_ssize_t N, Py_ssize_t C, Py_ssize_t M) noexcept nogil
             g.runs_per_block = 1
             g.chunk = BLOCK
             g.chunks_per_run = (M + BLOCK - 1) // BLOCK
-        else:
+        elif M > 0:
             g.runs_per_block = BLOCK // M
             g.chunk = M
             g.chunks_per_run = 1
+        else:
+            # Empty runs: no blocks.
+            g.runs_per_block = 1
         g.n_groups = (N + g.runs_per_block - 1) // g.runs_per_block
         g.blocks_per_channel = g.n_groups * g.chunks_per_run
     return g
