@@ -111,7 +111,16 @@ def test_dispatch_can_be_forced(monkeypatch):
         else:
             with pytest.raises(fastbn.backends.BackendUnavailable, match="no AVX-512F"):
                 cython_backend.CythonBackend()
-    monkeypatch.delenv("FASTBN_CPU_DISPATCH")
+    # Forced on a CPU without them, the avx2 build would die of an illegal instruction.
+    monkeypatch.setattr(cython_backend, "cpu_has_avx2", lambda: False)
+    for choice in ("avx2", "avx512"):
+        monkeypatch.setenv("FASTBN_CPU_DISPATCH", choice)
+        with pytest.raises(fastbn.backends.BackendUnavailable, match="lacks AVX2"):
+            cython_backend.CythonBackend()
+    monkeypatch.setenv("FASTBN_CPU_DISPATCH", "auto")
+    assert cython_backend.CythonBackend().isa == "baseline"
+    monkeypatch.undo()
+    monkeypatch.delenv("FASTBN_CPU_DISPATCH", raising=False)
     assert cython_backend.CythonBackend()._wide == (len(KERNELS) > 1
                                                     and KERNELS[1].wide_enabled())
 

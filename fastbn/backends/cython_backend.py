@@ -172,7 +172,11 @@ def _load_kernels():
     if choice not in ("auto", "avx512", "avx2", "baseline"):
         raise BackendUnavailable(
             f"{DISPATCH_VAR} must be auto, avx512, avx2 or baseline, got {choice!r}")
-    if choice != "baseline" and (choice in ("avx512", "avx2") or cpu_has_avx2()):
+    has_avx2 = cpu_has_avx2()
+    if choice in ("avx512", "avx2") and not has_avx2:
+        # (The avx2 build would stop the process with an illegal instruction.)
+        raise BackendUnavailable(f"{DISPATCH_VAR}={choice}: this CPU lacks AVX2, FMA or F16C")
+    if choice != "baseline" and has_avx2:
         try:
             kernels = importlib.import_module("fastbn._cy.kernels_avx2")
         except ImportError:
