@@ -33,6 +33,7 @@ and the roofline from a device-to-device copy.
 
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -310,6 +311,8 @@ def run(backend_names=None, compare=(), quick=False, repeats=None, cases=None, o
     backend_names = backend_names or [
         b for b in fastbn.backends.available()
         if not getattr(fastbn.backends.get(b), "simulated", False)]
+    if repeats is not None and (not isinstance(repeats, int) or repeats < 1):
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     cases = cases or (QUICK_CASES if quick else CASES)
     repeats = repeats or (3 if quick else 7)
     min_seconds = 0.01 if quick else 0.05
@@ -466,14 +469,19 @@ def summary(reports, side=None, against="torch", ops=("train", "infer", "backwar
     return "\n".join(lines)
 
 
-def plot(report, path):
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'fastbn[plot]'") from None
+        raise ValueError("--plot needs matplotlib: pip install 'fastbn[plot]'") from None
+    return plt
+
+
+def plot(report, path):
+    plt = _pyplot()
     results = report["results"]
     ops = [op for op in OPS if any(r["op"] == op for r in results)]
     sides = list(dict.fromkeys(r["side"] for r in results))
@@ -506,6 +514,16 @@ def _progress(done, total, name):
         sys.stderr.flush()
 
 
+def _check_writable(path, option):
+    """Raises ValueError unless `path` can be written: checked before the runs, which take
+    minutes, rather than after them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: there is no folder {folder}")
+    if not os.access(folder, os.W_OK) or os.path.isdir(path):
+        raise ValueError(f"{option} {path}: cannot write there")
+
+
 def main(args):
     names = args.backends.split(",") if args.backends else None
     compare = [c for c in (args.compare.split(",") if args.compare else []) if c]
@@ -521,6 +539,13 @@ def main(args):
                 raise ValueError(f"--compare takes {', '.join(COMPARATORS)}, got {name!r}")
             if name not in available_comparators():
                 raise ValueError(f"--compare {name}: it is not installed here")
+        if args.repeats is not None and args.repeats < 1:
+            raise ValueError(f"--repeats must be a positive integer, got {args.repeats}")
+        for path, option in ((args.json_path, "--json"), (args.plot_path, "--plot")):
+            if path:
+                _check_writable(path, option)
+        if args.plot_path:
+            _pyplot()
     except (ValueError, fastbn.backends.BackendUnavailable) as err:
         print(f"python -m fastbn bench: {err}", file=sys.stderr)
         return 2

@@ -74,6 +74,21 @@ def test_bench_ops_chooses_what_is_timed(tmp_path):
     assert result.returncode == 2 and "--ops takes" in result.stderr
 
 
+def test_bench_refuses_bad_repeats_and_unwritable_outputs_before_running(tmp_path):
+    for repeats in ("0", "-2"):
+        result = _run("bench", "--quick", "--repeats", repeats)
+        assert result.returncode == 2 and "--repeats must be a positive integer" in result.stderr
+        assert "median ms" not in result.stdout
+    for option in ("--json", "--plot"):
+        result = _run("bench", "--quick", option, str(tmp_path / "missing" / "out"))
+        assert result.returncode == 2 and "there is no folder" in result.stderr
+        assert "median ms" not in result.stdout
+        result = _run("bench", "--quick", option, str(tmp_path))
+        assert result.returncode == 2 and "cannot write there" in result.stderr
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        bench.run(["numpy"], quick=True, repeats=0)
+
+
 def test_no_command_prints_help():
     result = _run()
     assert result.returncode == 2 and "bench" in result.stdout
