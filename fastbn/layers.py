@@ -419,10 +419,8 @@ def batch_norm(inputs,
     outputs_collections = _check_collections(outputs_collections, "outputs_collections")
     training = _Training(is_training)
     if batch_weights is not None:
-        if fused:
-            raise ValueError("batch_weights is not supported with fused=True: the fused "
-                             "implementation has no weighted statistics (use fused=None "
-                             "or False)")
+        # (fused=True means "where possible", as in TF: with batch weights it is not, and
+        # the call takes the legacy path.)
         batch_weights = _check_batch_weights(batch_weights, x)
     if renorm:
         clipping = renorm_clipping or {}

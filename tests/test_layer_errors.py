@@ -10,7 +10,6 @@ X = np.random.RandomState(0).rand(4, 3, 3, 2).astype(np.float32)
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(data_format="CHWN"), ValueError, "data_format has to be either NCHW or NHWC"),
-    (dict(batch_weights=np.ones(4), fused=True), ValueError, "batch_weights.*fused=True"),
     (dict(renorm=True, batch_weights=np.ones(4)), ValueError,
      "renorm is not supported with batch_weights"),
     (dict(renorm=True, updates_collections=None), ValueError, "renorm is not supported"),

@@ -162,6 +162,12 @@ def cases():
               **_updates_kw(mode)}
         add({"id": f"weights-r{rank}-{fmt}-{dtype}-{mode}", "shapes": _shapes(rank, fmt),
              "dtype": dtype, "kwargs": kw, "batch_weights": True})
+    # fused=True means "where possible": with batch weights TF takes the legacy path.
+    for rank, fmt, mode in itertools.product((2, 4), ("NHWC", "NCHW"), ("default", "inplace")):
+        kw = {"scope": SCOPE, "data_format": fmt, "scale": True, "decay": 0.7, "fused": True,
+              **_updates_kw(mode)}
+        add({"id": f"weights-fused-r{rank}-{fmt}-{mode}", "shapes": _shapes(rank, fmt),
+             "dtype": "float32", "kwargs": kw, "batch_weights": True})
     add({"id": "weights-zd-training-var", "shapes": _shapes(4, "NCHW"), "dtype": "float32",
          "kwargs": {"scope": SCOPE, "data_format": "NCHW", "decay": 0.7,
                     "zero_debias_moving_mean": True},
