@@ -17,6 +17,7 @@ A case is a dict:
 """
 
 import itertools
+import random
 
 import numpy as np
 
@@ -203,12 +204,60 @@ def cases():
                                    "shape": _param_shape(4, "NCHW")}},
          "training": [True, False, True]})
 
+    # Every argument at once, drawn.
+    for i, (kw, rank, fmt, dtype, training, weighted) in enumerate(_mixed(2026, 40)):
+        add({"id": f"mixed-{i}", "shapes": _shapes(rank, fmt), "dtype": dtype, "kwargs": kw,
+             "training": training, "batch_weights": weighted})
+
     # Default scope names and a second layer beside the first.
     for pname, (pkw, rank) in paths.items():
         add({"id": f"noscope-{pname}", "shapes": _shapes(rank, "NHWC")[:1], "dtype": "float32",
              "kwargs": {**pkw, "scale": True}, "layers": 2})
     ids = [c["id"] for c in out]
     assert len(ids) == len(set(ids)), "case ids must be unique"
+    return out
+
+
+def _mixed(seed, count):
+    """`count` configurations mixing every argument at once (a seeded draw, the same on
+    both sides), where the grids above vary a few at a time: (kwargs, rank, data format,
+    dtype, training, batch weights).  Only combinations TF accepts: renorm with the
+    default updates and neither zero-debias nor batch weights."""
+    draw = random.Random(seed)
+    out = []
+    for _ in range(count):
+        rank, fmt = draw.choice((2, 3, 4, 5)), draw.choice(("NHWC", "NCHW"))
+        dtype = draw.choice(("float16", "float32", "float64"))
+        kw = {"scope": SCOPE, "data_format": fmt, "decay": draw.choice((0.9, 0.5, 0.0)),
+              **_updates_kw(draw.choice(("default", "inplace", "custom")))}
+        for key, value, chance in (("fused", draw.choice((True, False)), 0.5),
+                                   ("zero_debias_moving_mean", True, 0.25),
+                                   ("scale", True, 0.6), ("center", False, 0.15),
+                                   ("epsilon", draw.choice((0.5, 1e-4, 0.01)), 0.3),
+                                   ("activation_fn", draw.choice(
+                                       ("relu", "relu6", "tanh", "sigmoid", "elu")), 0.4)):
+            if draw.random() < chance:
+                kw[key] = value
+        inits = {name: ["constant", [round(draw.uniform(0.3, 2.0), 2) for _ in range(3)]]
+                 for name in ("beta", "gamma", "moving_mean", "moving_variance")
+                 if draw.random() < 0.25}
+        if inits:
+            kw["param_initializers"] = inits
+        if draw.random() < 0.15:
+            kw["param_regularizers"] = draw.choice(({"beta": ["l2", 0.1]},
+                                                    {"gamma": ["l1", 0.2]}))
+        weighted = draw.random() < 0.15
+        if draw.random() < 0.15 and not weighted and "updates_collections" not in kw \
+                and "zero_debias_moving_mean" not in kw:
+            kw.update(renorm=True, renorm_decay=draw.choice((0.6, 0.99)))
+            if draw.random() < 0.6:
+                kw["renorm_clipping"] = draw.choice(({"rmin": 0.9, "rmax": 1.1, "dmax": 0.05},
+                                                     {"rmax": 1.05}, {"dmax": 0.3}))
+        if draw.random() < 0.1:
+            kw["adjustment"] = {"scale": [1.05, 0.95, 1.0], "bias": [0.1, -0.05, 0.0],
+                                "shape": _param_shape(rank, fmt)}
+        training = draw.choice((True, True, False, [True, False, True], [False, True, True]))
+        out.append((kw, rank, fmt, dtype, training, weighted))
     return out
 
 
@@ -338,6 +387,10 @@ def grad_cases():
         kw = dict(kw, renorm=True, renorm_clipping={"rmax": 1.05})
         add({"id": f"grad-adjust-renorm-t{training}-r{rank}-{fmt}", "shapes": _shapes(rank, fmt),
              "dtype": "float32", "kwargs": kw, "training": training})
+    for i, (kw, rank, fmt, dtype, training, weighted) in enumerate(_mixed(2027, 40)):
+        add({"id": f"grad-mixed-{i}", "shapes": _shapes(rank, fmt), "dtype": dtype,
+             "kwargs": kw, "training": training[:1] if isinstance(training, list) else training,
+             "batch_weights": weighted})
     for path, training in itertools.product(("slimfused", "legacy"), TRAININGS):
         kw, weighted = kw_for(path, {"zero_debias_moving_mean": True})
         add({"id": f"grad-{path}-zd-t{training}", "shapes": _shapes(4, "NHWC"),
