@@ -357,7 +357,8 @@ class variable_scope:
             self._saved_counts = dict(counts)
         else:
             if name_or_scope is None:
-                if reuse is True:
+                # (AUTO_REUSE too: TF tests the argument's truth.)
+                if reuse is True or reuse is AUTO_REUSE:
                     raise ValueError("reuse=True cannot be used without a name_or_scope")
                 name_or_scope = _unique_scope_name(counts, parent.name, self._default_name)
             new_name = parent.name + "/" + name_or_scope if parent.name else name_or_scope

@@ -193,9 +193,10 @@ def test_get_variable_errors():
             fb.get_variable("v", (3,))
         with pytest.raises(ValueError, match="dtype"):
             fb.get_variable("v", (2,), dtype=np.float64)
-    with pytest.raises(ValueError, match="reuse=True cannot be used without a name_or_scope"):
-        with fb.variable_scope(None, default_name="x", reuse=True):
-            pass
+    for reuse in (True, fb.AUTO_REUSE):  # (TF tests the argument's truth)
+        with pytest.raises(ValueError, match="reuse=True cannot be used without a name_or_scope"):
+            with fb.variable_scope(None, default_name="x", reuse=reuse):
+                pass
     with pytest.raises(TypeError, match="default_name is None"):
         fb.variable_scope(None)
     with pytest.raises(TypeError, match="reuse"):

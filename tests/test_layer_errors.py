@@ -42,6 +42,7 @@ X = np.random.RandomState(0).rand(4, 3, 3, 2).astype(np.float32)
     (dict(variables_collections=5), TypeError, "variables_collections"),
     (dict(outputs_collections=[1]), TypeError, "outputs_collections"),
     (dict(reuse=True), ValueError, "reuse=True cannot be used without a name_or_scope"),
+    (dict(reuse=fb.AUTO_REUSE), ValueError, "reuse=True cannot be used without a name_or_scope"),
     (dict(reuse=True, scope="nope"), ValueError, "does not exist"),
     (dict(reuse="yes", scope="s"), TypeError, "reuse"),
     (dict(scope=3), TypeError, "name_or_scope"),
