@@ -408,3 +408,70 @@ def make_output_gradient(case, dtype=None):
 
 # The sources whose gradients are recorded, in this order.
 GRAD_SOURCES = ("x", "beta", "gamma", "moving_mean", "moving_variance")
+
+
+# --------------------------------------------------------------------------
+# Programs of nested variable scopes and batch_norm calls: the names, collections and
+# errors that scoping gives, recorded from TF and replayed on fastbn.
+
+def scope_programs(seed=2026, count=100):
+    """`count` random programs (a seeded draw): lists of statements, each
+    ["scope", name_or_scope, default_name, reuse, [statements]] or
+    ["bn", kwargs, rank, is_training]; reuse "auto" for AUTO_REUSE."""
+    draw = random.Random(seed)
+
+    def body(depth):
+        out = []
+        for _ in range(draw.randint(1, 3)):
+            if depth < 3 and draw.random() < 0.45:
+                name = draw.choice((None, "a", "b", "BatchNorm", SCOPE))
+                if name is None:
+                    default, reuse = draw.choice(("BatchNorm", "blk")), draw.choice((None, "auto"))
+                else:
+                    default = draw.choice((None, "blk"))
+                    reuse = draw.choice((None, None, None, True, "auto"))
+                out.append(["scope", name, default, reuse, body(depth + 1)])
+                continue
+            kw = {"scope": draw.choice((None, None, SCOPE, "BatchNorm", "x/y")),
+                  "reuse": draw.choice((None, None, None, None, True, "auto"))}
+            if kw["scope"] is None and draw.random() < 0.85:
+                kw["reuse"] = None  # (a truthy reuse needs a scope name: mostly not tried)
+            for key, value, chance in (("fused", draw.choice((True, False)), 0.4),
+                                       ("zero_debias_moving_mean", True, 0.2),
+                                       ("updates_collections", None, 0.3), ("scale", True, 0.5),
+                                       ("center", False, 0.1), ("trainable", False, 0.1),
+                                       ("renorm", True, 0.05)):
+                if draw.random() < chance:
+                    kw[key] = value
+            out.append(["bn", kw, draw.choice((2, 4)), draw.choice((True, False))])
+        return out
+
+    return [body(0) for _ in range(count)]
+
+
+def run_scope_program(program, variable_scope, batch_norm, auto_reuse, state):
+    """Runs `program` with a library's variable_scope and batch_norm; returns its log:
+    ["enter", scope name] per scope, state() after each batch_norm call, and at the
+    first ValueError or TypeError ["error", its type name] (the program stops there)."""
+    log = []
+
+    def run(statements):
+        for statement in statements:
+            if statement[0] == "scope":
+                _, name, default, reuse, inner = statement
+                reuse = auto_reuse if reuse == "auto" else reuse
+                with variable_scope(name, default_name=default, reuse=reuse) as scope:
+                    log.append(["enter", scope.name])
+                    run(inner)
+            else:
+                _, kw, rank, training = statement
+                kw = dict(kw, reuse=auto_reuse if kw["reuse"] == "auto" else kw["reuse"])
+                x = np.ones([4, 3] if rank == 2 else [2, 2, 2, 3], np.float32)
+                batch_norm(x, is_training=training, **kw)
+                log.append(["bn", *state()])
+
+    try:
+        run(program)
+    except (ValueError, TypeError) as err:
+        log.append(["error", type(err).__name__])
+    return log

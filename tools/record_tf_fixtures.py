@@ -15,8 +15,10 @@ Run it in a venv of its own (see ../shared/REFERENCE.md):
 
 It writes tests/fixtures/tf_layer.{json,npz} (layer outputs, variables and
 collections over several steps), tests/fixtures/tf_grad.{json,npz}
-(tf.gradients of the layer) and tests/fixtures/tf_nn.{json,npz} (the nn
-ops, FusedBatchNormGrad and the activations' gradients included).
+(tf.gradients of the layer), tests/fixtures/tf_nn.{json,npz} (the nn
+ops, FusedBatchNormGrad and the activations' gradients included) and
+tests/fixtures/tf_scopes.json (programs of nested scopes and batch_norm calls:
+the variable names, collections and errors scoping gives).
 """
 
 import json
@@ -364,8 +366,31 @@ def record_grad_case(case, arrays):
     return expected
 
 
+SCOPE_STATE_KEYS = (GK.GLOBAL_VARIABLES, GK.TRAINABLE_VARIABLES, GK.MODEL_VARIABLES,
+                    GK.MOVING_AVERAGE_VARIABLES)
+
+
+def record_scope_programs():
+    """The log of each of tf_cases.scope_programs() run on TF (see run_scope_program)."""
+    logs = []
+    for program in tf_cases.scope_programs():
+        g = tf.Graph()
+        with g.as_default():
+            def state():
+                return [_names(g.get_collection(key)) for key in SCOPE_STATE_KEYS] + [
+                    len(g.get_collection(GK.UPDATE_OPS))]
+
+            logs.append(tf_cases.run_scope_program(
+                program, tf1.variable_scope, lambda x, **kw: slim.batch_norm(tf.constant(x), **kw),
+                tf1.AUTO_REUSE, state))
+    return logs
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "tf_scopes.json"), "w") as f:
+        json.dump({"tensorflow": tf.__version__, "tf_slim": "1.1.0",
+                   "logs": record_scope_programs()}, f, indent=0)
     layer_arrays, layer_cases = {}, []
     cases = tf_cases.cases()
     for i, case in enumerate(cases):
