@@ -252,13 +252,18 @@ def _add_to_graph(graph, var, collections, trainable):
 
 
 class VariableScope:
-    """A variable scope: a name prefix and a reuse mode, like `tf.VariableScope`."""
+    """A variable scope, like `tf.VariableScope`: a name prefix, a reuse mode, and the
+    defaults `get_variable` takes inside it for an initializer, a regularizer and (for
+    `get_variable` without one) a dtype."""
 
-    __slots__ = ("_name", "_reuse")
+    __slots__ = ("_name", "_reuse", "_initializer", "_regularizer", "_dtype")
 
-    def __init__(self, reuse, name=""):
+    def __init__(self, reuse, name="", initializer=None, regularizer=None, dtype=np.float32):
         self._name = name
         self._reuse = reuse
+        self._initializer = initializer
+        self._regularizer = regularizer
+        self._dtype = _as_dtype(dtype)
 
     @property
     def name(self):
@@ -267,6 +272,27 @@ class VariableScope:
     @property
     def reuse(self):
         return self._reuse
+
+    @property
+    def initializer(self):
+        return self._initializer
+
+    @property
+    def regularizer(self):
+        return self._regularizer
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    def set_initializer(self, initializer):
+        self._initializer = initializer
+
+    def set_regularizer(self, regularizer):
+        self._regularizer = regularizer
+
+    def set_dtype(self, dtype):
+        self._dtype = _as_dtype(dtype)
 
     @property
     def original_name_scope(self):
@@ -318,6 +344,13 @@ class variable_scope:
         used, made unique: `BatchNorm`, `BatchNorm_1`, ...).
       default_name: the name to use when `name_or_scope` is None.
       values: accepted for TF compatibility; unused.
+      initializer, regularizer, dtype: defaults for `get_variable` inside the
+        scope (and nested ones), used where a call gives none: so, as in TF, a
+        scope's regularizer also regularizes the variables batch_norm creates
+        without one of their own (its moving statistics included).
+      caching_device, partitioner, custom_getter, constraint: not supported
+        (ValueError unless None); use_resource, auxiliary_name_scope: accepted,
+        no effect.
       reuse: True (variables must exist and are reused), `AUTO_REUSE` (create
         if absent, else reuse), or None/False (inherit the parent's mode).
         Reuse is inherited by nested scopes.
@@ -327,9 +360,21 @@ class variable_scope:
     re-entering the scope (with `reuse=True`) finds `BatchNorm` again.
     """
 
-    __slots__ = ("_name_or_scope", "_default_name", "_reuse", "_graph", "_saved_counts")
+    __slots__ = ("_name_or_scope", "_default_name", "_reuse", "_defaults", "_graph",
+                 "_saved_counts")
 
-    def __init__(self, name_or_scope, default_name=None, values=None, reuse=None, **_tf_only):
+    def __init__(self, name_or_scope, default_name=None, values=None, initializer=None,
+                 regularizer=None, caching_device=None, partitioner=None, custom_getter=None,
+                 reuse=None, dtype=None, use_resource=None, constraint=None,
+                 auxiliary_name_scope=True):
+        for value, argument in ((caching_device, "caching_device"),
+                                (partitioner, "partitioner"),
+                                (custom_getter, "custom_getter"), (constraint, "constraint")):
+            if value is not None:
+                raise ValueError(f"variable_scope: {argument} is not supported by fastbn")
+        if regularizer is not None and not callable(regularizer):
+            raise TypeError(f"regularizer must be callable, got {type(regularizer).__name__}")
+        self._defaults = (initializer, regularizer, None if dtype is None else _as_dtype(dtype))
         if name_or_scope is not None and not isinstance(name_or_scope, (str, VariableScope)):
             raise TypeError(
                 "name_or_scope must be a str, a VariableScope or None, got "
@@ -355,6 +400,8 @@ class variable_scope:
             new_name = name_or_scope.name
             reuse = reuse or name_or_scope.reuse
             self._saved_counts = dict(counts)
+            # (A scope object brings its own defaults; a name inherits the parent's.)
+            parent = name_or_scope
         else:
             if name_or_scope is None:
                 # (AUTO_REUSE too: TF tests the argument's truth.)
@@ -369,7 +416,11 @@ class variable_scope:
                 if new_name.startswith(outer.name + "/"):
                     opened.add(new_name)
         counts[new_name] = counts.get(new_name, 0) + 1
-        scope = VariableScope(reuse if reuse is not None else False, new_name)
+        initializer, regularizer, dtype = self._defaults
+        scope = VariableScope(reuse if reuse is not None else False, new_name,
+                              parent.initializer if initializer is None else initializer,
+                              parent.regularizer if regularizer is None else regularizer,
+                              parent.dtype if dtype is None else dtype)
         stack.append((scope, set()))
         return scope
 
@@ -460,7 +511,7 @@ class RegularizationLoss:
         return f"<fastbn.RegularizationLoss '{self.name}' value={float(self):g}>"
 
 
-def get_variable(name, shape=None, dtype=np.float32, initializer=None, regularizer=None,
+def get_variable(name, shape=None, dtype=None, initializer=None, regularizer=None,
                  trainable=True, collections=None):
     """Gets an existing variable of the current scope or creates one, as `tf.get_variable`.
 
@@ -469,7 +520,8 @@ def get_variable(name, shape=None, dtype=np.float32, initializer=None, regulariz
     raises ValueError.  `initializer` is a callable `(shape, dtype) -> array`
     (or an array); `regularizer` a callable `(value) -> scalar or None`, whose
     result is added to `GraphKeys.REGULARIZATION_LOSSES` when the variable is
-    created.
+    created.  Where they (or `dtype`) are None, the scope's defaults apply (see
+    `variable_scope`; dtype float32 by default).
     """
     return _get_variable(name, shape, dtype, initializer, regularizer, trainable, collections,
                          False)
@@ -482,6 +534,12 @@ def _get_variable(name, shape, dtype, initializer, regularizer, trainable, colle
     stack = graph._scope_stack
     scope = stack[-1][0] if stack else _ROOT_SCOPE
     full_name = scope._name + "/" + name if scope._name else name
+    if initializer is None:
+        initializer = scope._initializer
+    if regularizer is None:
+        regularizer = scope._regularizer
+    if dtype is None:
+        dtype = scope._dtype
     existing = graph._variables.get(full_name)
     reuse = scope._reuse
     if existing is not None:

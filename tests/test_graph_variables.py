@@ -181,6 +181,43 @@ def test_scope_object_reopens_the_scope():
             assert fb.get_variable("v", ()).name == "s/v:0"
 
 
+def test_scope_defaults_for_initializer_regularizer_and_dtype():
+    # As TF: what a scope sets (or inherits) get_variable takes where a call gives none.
+    l2 = fb.l2_regularizer(0.5)
+    with fb.variable_scope("s", initializer=fb.constant_initializer(3.0), regularizer=l2,
+                           dtype=np.float64) as s:
+        assert (s.initializer, s.regularizer, s.dtype) == (s.initializer, l2, np.float64)
+        v = fb.get_variable("v", (2,))
+        assert v.dtype == np.float64 and v.numpy().tolist() == [3.0, 3.0]
+        with fb.variable_scope("inner", initializer=fb.zeros_initializer()):
+            w = fb.get_variable("w", (2,), dtype=np.float32, regularizer=fb.l1_regularizer(1.0))
+        assert w.dtype == np.float32 and w.numpy().tolist() == [0.0, 0.0]
+        y = fb.batch_norm(np.ones((4, 3), np.float32), scale=True, is_training=False)
+    assert y.shape == (4, 3)
+    losses = fb.get_collection(fb.GraphKeys.REGULARIZATION_LOSSES)
+    assert [loss.name for loss in losses] == [
+        "s/v/Regularizer/l2_regularizer:0", "s/inner/w/Regularizer/l1_regularizer:0",
+        "s/BatchNorm/beta/Regularizer/l2_regularizer:0",
+        "s/BatchNorm/gamma/Regularizer/l2_regularizer:0",
+        "s/BatchNorm/moving_mean/Regularizer/l2_regularizer:0",
+        "s/BatchNorm/moving_variance/Regularizer/l2_regularizer:0"]
+    assert fb.get_regularization_losses() == [4.5, 0.0, 0.0, 0.75, 0.0, 0.75]
+    with fb.variable_scope("t"):
+        # A scope object brings its own defaults back, wherever it is reopened.
+        with fb.variable_scope(s, reuse=fb.AUTO_REUSE):
+            assert fb.get_variable("u", ()).numpy() == 3.0
+        assert fb.get_variable_scope().regularizer is None
+        with pytest.raises(ValueError, match="initializer is required"):
+            fb.get_variable("u", ())
+    for argument in ("caching_device", "partitioner", "custom_getter", "constraint"):
+        with pytest.raises(ValueError, match=f"{argument} is not supported"):
+            fb.variable_scope("s", **{argument: object()})
+    with pytest.raises(TypeError, match="regularizer must be callable"):
+        fb.variable_scope("s", regularizer=0.1)
+    with pytest.raises(TypeError):
+        fb.variable_scope("s", resue=True)  # a misspelt argument is not swallowed
+
+
 def test_get_variable_errors():
     with fb.variable_scope("s"):
         fb.get_variable("v", (2,), initializer=fb.zeros_initializer())

@@ -192,19 +192,21 @@ def test_nn_op_matches_tensorflow(case, backend):
 with open(os.path.join(FIXTURES, "tf_scopes.json")) as _f:
     SCOPE_LOGS = json.load(_f)["logs"]
 SCOPE_STATE_KEYS = (fb.GraphKeys.GLOBAL_VARIABLES, fb.GraphKeys.TRAINABLE_VARIABLES,
-                    fb.GraphKeys.MODEL_VARIABLES, fb.GraphKeys.MOVING_AVERAGE_VARIABLES)
+                    fb.GraphKeys.MODEL_VARIABLES, fb.GraphKeys.MOVING_AVERAGE_VARIABLES,
+                    fb.GraphKeys.REGULARIZATION_LOSSES)
 
 
 @pytest.mark.parametrize("index", range(len(SCOPE_LOGS)))
 @pytest.mark.filterwarnings("ignore::fastbn.UpdateOpsWarning")  # (fastbn's own reminder)
 def test_scope_program_matches_tensorflow(index):
-    # Nested scopes (named, default-named, reused) around batch_norm calls: after each
-    # call the variables' names in each collection and the update ops, and the first
-    # error's type, as TF gave them.
+    # Nested scopes (named, default-named, reused, regularizing) around batch_norm calls:
+    # after each call the names in each variable collection, the regularization losses'
+    # names and the update ops, and the first error's type, as TF gave them.
     def state():
         return [[v.name for v in fb.get_collection(key)] for key in SCOPE_STATE_KEYS] + [
             len(fb.get_collection(fb.GraphKeys.UPDATE_OPS))]
 
     program = scope_programs()[index]
-    log = run_scope_program(program, fb.variable_scope, fb.batch_norm, fb.AUTO_REUSE, state)
+    log = run_scope_program(program, fb.variable_scope, fb.batch_norm, fb.l2_regularizer,
+                            fb.AUTO_REUSE, state)
     assert json.loads(json.dumps(log)) == SCOPE_LOGS[index]

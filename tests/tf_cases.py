@@ -416,8 +416,9 @@ GRAD_SOURCES = ("x", "beta", "gamma", "moving_mean", "moving_variance")
 
 def scope_programs(seed=2026, count=100):
     """`count` random programs (a seeded draw): lists of statements, each
-    ["scope", name_or_scope, default_name, reuse, [statements]] or
-    ["bn", kwargs, rank, is_training]; reuse "auto" for AUTO_REUSE."""
+    ["scope", name_or_scope, default_name, reuse, l2 scale or None, [statements]] or
+    ["bn", kwargs, rank, is_training]; reuse "auto" for AUTO_REUSE; a scope's l2 scale
+    gives it an l2 regularizer, the default of the variables created inside it."""
     draw = random.Random(seed)
 
     def body(depth):
@@ -430,7 +431,8 @@ def scope_programs(seed=2026, count=100):
                 else:
                     default = draw.choice((None, "blk"))
                     reuse = draw.choice((None, None, None, True, "auto"))
-                out.append(["scope", name, default, reuse, body(depth + 1)])
+                l2 = draw.choice((0.5, 2.0)) if draw.random() < 0.25 else None
+                out.append(["scope", name, default, reuse, l2, body(depth + 1)])
                 continue
             kw = {"scope": draw.choice((None, None, SCOPE, "BatchNorm", "x/y")),
                   "reuse": draw.choice((None, None, None, None, True, "auto"))}
@@ -449,18 +451,22 @@ def scope_programs(seed=2026, count=100):
     return [body(0) for _ in range(count)]
 
 
-def run_scope_program(program, variable_scope, batch_norm, auto_reuse, state):
-    """Runs `program` with a library's variable_scope and batch_norm; returns its log:
-    ["enter", scope name] per scope, state() after each batch_norm call, and at the
-    first ValueError or TypeError ["error", its type name] (the program stops there)."""
+def run_scope_program(program, variable_scope, batch_norm, l2_regularizer, auto_reuse,
+                      state):
+    """Runs `program` with a library's variable_scope, batch_norm and l2_regularizer;
+    returns its log: ["enter", scope name] per scope, state() after each batch_norm call,
+    and at the first ValueError or TypeError ["error", its type name] (the program stops
+    there)."""
     log = []
 
     def run(statements):
         for statement in statements:
             if statement[0] == "scope":
-                _, name, default, reuse, inner = statement
+                _, name, default, reuse, l2, inner = statement
                 reuse = auto_reuse if reuse == "auto" else reuse
-                with variable_scope(name, default_name=default, reuse=reuse) as scope:
+                regularizer = None if l2 is None else l2_regularizer(l2)
+                with variable_scope(name, default_name=default, reuse=reuse,
+                                    regularizer=regularizer) as scope:
                     log.append(["enter", scope.name])
                     run(inner)
             else:

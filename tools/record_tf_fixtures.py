@@ -367,7 +367,7 @@ def record_grad_case(case, arrays):
 
 
 SCOPE_STATE_KEYS = (GK.GLOBAL_VARIABLES, GK.TRAINABLE_VARIABLES, GK.MODEL_VARIABLES,
-                    GK.MOVING_AVERAGE_VARIABLES)
+                    GK.MOVING_AVERAGE_VARIABLES, GK.REGULARIZATION_LOSSES)
 
 
 def record_scope_programs():
@@ -382,7 +382,7 @@ def record_scope_programs():
 
             logs.append(tf_cases.run_scope_program(
                 program, tf1.variable_scope, lambda x, **kw: slim.batch_norm(tf.constant(x), **kw),
-                tf1.AUTO_REUSE, state))
+                slim.l2_regularizer, tf1.AUTO_REUSE, state))
     return logs
 
 
