@@ -132,14 +132,17 @@ class _Training:
         elif isinstance(is_training, (bool, np.bool_)) or (
             isinstance(is_training, np.ndarray) and is_training.shape == ()
             and is_training.dtype == np.bool_
+        ) or (
+            # TF's rule for a Python predicate: a bool, or 1 or 0.
+            isinstance(is_training, numbers.Real) and is_training in (0, 1)
         ):
             self.constant = bool(is_training)
             self.variable = None
         else:
+            got = (repr(is_training) if isinstance(is_training, numbers.Real)
+                   else type(is_training).__name__)
             raise TypeError(
-                "is_training must be a bool or a boolean fastbn.Variable, got "
-                f"{type(is_training).__name__}"
-            )
+                f"is_training must be a bool (or 1 or 0) or a boolean fastbn.Variable, got {got}")
 
     def now(self):
         if self.variable is None:

@@ -31,7 +31,7 @@ X = np.random.RandomState(0).rand(4, 3, 3, 2).astype(np.float32)
     (dict(center=1), TypeError, "center"),
     (dict(scale=None), TypeError, "scale"),
     (dict(is_training="True"), TypeError, "is_training"),
-    (dict(is_training=1), TypeError, "is_training"),
+    (dict(is_training=2), TypeError, "is_training must be a bool .or 1 or 0.*got 2"),
     (dict(param_initializers={"gama": fb.ones_initializer()}), ValueError, "param_initializers"),
     (dict(param_initializers=[1]), TypeError, "param_initializers"),
     (dict(param_initializers={"beta": 3}), TypeError, "param_initializers"),
@@ -129,3 +129,15 @@ def test_outputs_collections_and_activation():
     assert fb.get_collection("outs")[0] is y
     y2 = fb.batch_norm(X, activation_fn=lambda t: t * 0 + 7, scope="b")
     assert (y2 == 7).all()
+
+
+def test_is_training_takes_1_and_0_as_tf_does():
+    # TF's predicates take 1 and 0 for True and False, on every path of batch_norm.
+    for fused, updates in ((None, None), (None, fb.GraphKeys.UPDATE_OPS), (False, ["mine"])):
+        for number, flag in ((1, True), (0, False), (1.0, True)):
+            kwargs = dict(fused=fused, updates_collections=updates, scale=True)
+            with fb.Graph().as_default():
+                want = fb.batch_norm(X, is_training=flag, **kwargs)
+            with fb.Graph().as_default():
+                np.testing.assert_array_equal(fb.batch_norm(X, is_training=number, **kwargs),
+                                              want)
