@@ -75,12 +75,23 @@ def _check_param_dict(value, argument, allowed):
 
 
 def _check_collections(value, argument):
-    """None, a collection name, or a list of names."""
+    """None, a collection name, or a list (tuple, set) of names."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(
+            isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, (set, frozenset)) else value
     raise TypeError(f"{argument} must be None, a collection name or a list of names, got {value!r}")
+
+
+def _is_flag(value):
+    """Whether `value` is a bool as TF takes one: a bool, or 1 or 0."""
+    return isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, numbers.Real) and value in (0, 1))
+
+
+def _shown(value):
+    return repr(value) if isinstance(value, numbers.Real) else type(value).__name__
 
 
 def _check_variables_collections(value):
@@ -129,20 +140,15 @@ class _Training:
                 )
             self.constant = None
             self.variable = is_training
-        elif isinstance(is_training, (bool, np.bool_)) or (
+        elif _is_flag(is_training) or (
             isinstance(is_training, np.ndarray) and is_training.shape == ()
             and is_training.dtype == np.bool_
-        ) or (
-            # TF's rule for a Python predicate: a bool, or 1 or 0.
-            isinstance(is_training, numbers.Real) and is_training in (0, 1)
         ):
             self.constant = bool(is_training)
             self.variable = None
         else:
-            got = (repr(is_training) if isinstance(is_training, numbers.Real)
-                   else type(is_training).__name__)
-            raise TypeError(
-                f"is_training must be a bool (or 1 or 0) or a boolean fastbn.Variable, got {got}")
+            raise TypeError("is_training must be a bool (or 1 or 0) or a boolean "
+                            f"fastbn.Variable, got {_shown(is_training)}")
 
     def now(self):
         if self.variable is None:
@@ -413,8 +419,11 @@ def batch_norm(inputs,
     for flag, argument in ((center, "center"), (scale, "scale"), (trainable, "trainable"),
                            (renorm, "renorm"),
                            (zero_debias_moving_mean, "zero_debias_moving_mean")):
-        if flag is not True and flag is not False and not isinstance(flag, np.bool_):
-            raise TypeError(f"{argument} must be a bool, got {type(flag).__name__}")
+        if not _is_flag(flag):
+            raise TypeError(f"{argument} must be a bool (or 1 or 0), got {_shown(flag)}")
+    center, scale, trainable, renorm, zero_debias_moving_mean = (
+        bool(center), bool(scale), bool(trainable), bool(renorm),
+        bool(zero_debias_moving_mean))
     initializers = _check_param_dict(param_initializers, "param_initializers", _PARAM_NAMES)
     regularizers = _check_param_dict(param_regularizers, "param_regularizers", _REGULARIZED)
     updates_collections = _check_collections(updates_collections, "updates_collections")

@@ -28,7 +28,8 @@ X = np.random.RandomState(0).rand(4, 3, 3, 2).astype(np.float32)
     (dict(activation_fn="relu"), TypeError, "activation_fn"),
     (dict(adjustment=3), TypeError, "adjustment"),
     (dict(fused="yes"), TypeError, "fused"),
-    (dict(center=1), TypeError, "center"),
+    (dict(center=2), TypeError, "center must be a bool .or 1 or 0., got 2"),
+    (dict(renorm="yes"), TypeError, "renorm must be a bool .or 1 or 0., got str"),
     (dict(scale=None), TypeError, "scale"),
     (dict(is_training="True"), TypeError, "is_training"),
     (dict(is_training=2), TypeError, "is_training must be a bool .or 1 or 0.*got 2"),
@@ -131,13 +132,23 @@ def test_outputs_collections_and_activation():
     assert (y2 == 7).all()
 
 
-def test_is_training_takes_1_and_0_as_tf_does():
-    # TF's predicates take 1 and 0 for True and False, on every path of batch_norm.
+def test_flags_take_1_and_0_as_tf_does():
+    # TF takes 1 and 0 for True and False in is_training (its predicates' rule) and in
+    # the other flags (tested for truth), on every path of batch_norm.
     for fused, updates in ((None, None), (None, fb.GraphKeys.UPDATE_OPS), (False, ["mine"])):
         for number, flag in ((1, True), (0, False), (1.0, True)):
-            kwargs = dict(fused=fused, updates_collections=updates, scale=True)
+            kwargs = dict(fused=fused, updates_collections=updates)
+            flags = ("is_training", "scale", "center", "zero_debias_moving_mean", "trainable")
             with fb.Graph().as_default():
-                want = fb.batch_norm(X, is_training=flag, **kwargs)
+                want = fb.batch_norm(X, **kwargs, **{name: flag for name in flags})
+                names = [v.name for v in fb.global_variables()]
             with fb.Graph().as_default():
-                np.testing.assert_array_equal(fb.batch_norm(X, is_training=number, **kwargs),
-                                              want)
+                got = fb.batch_norm(X, **kwargs, **{name: number for name in flags})
+                assert [v.name for v in fb.global_variables()] == names
+            np.testing.assert_array_equal(got, want)
+
+
+def test_updates_collections_may_be_a_set():
+    with fb.Graph().as_default():
+        fb.batch_norm(X, updates_collections={"b_updates", "a_updates"})
+        assert len(fb.get_collection("a_updates")) == len(fb.get_collection("b_updates")) == 2
