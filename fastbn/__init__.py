@@ -19,7 +19,7 @@ from ._graph import (
     reset_default_graph,
 )
 from ._ops import Operation, UpdateOpsWarning, apply_updates, run
-from ._tape import GradientTape
+from ._tape import GradientTape, UnconnectedGradients
 from ._variables import (
     AUTO_REUSE,
     RegularizationLoss,
@@ -61,6 +61,7 @@ __all__ = [
     "GraphKeys",
     "Operation",
     "RegularizationLoss",
+    "UnconnectedGradients",
     "UpdateOpsWarning",
     "Variable",
     "VariableScope",

@@ -10,6 +10,7 @@ recorded call to the next as they are; computation outside batch_norm is not
 seen by the tape.  Recorded arrays must not be modified before `gradient`.
 """
 
+import enum
 import threading
 
 import numpy as np
@@ -17,7 +18,15 @@ import numpy as np
 from . import nn
 from ._variables import Variable
 
-__all__ = ["GradientTape"]
+__all__ = ["GradientTape", "UnconnectedGradients"]
+
+
+class UnconnectedGradients(enum.Enum):
+    """What `GradientTape.gradient` gives a source the target does not depend on, as
+    `tf.UnconnectedGradients`: None, or zeros of the source's shape."""
+
+    NONE = "none"
+    ZERO = "zero"
 
 
 class _State(threading.local):
@@ -160,7 +169,8 @@ class GradientTape:
           output_gradients: the gradient with respect to `target` (a list for a
             list of targets); ones by default.
           unconnected_gradients: 'none' (default: None for a source the target
-            does not depend on) or 'zero'.
+            does not depend on) or 'zero' (zeros of its shape), or the
+            `UnconnectedGradients` member of that value, as TF takes either.
 
         Returns:
           Gradients in the structure of `sources`.
@@ -168,6 +178,8 @@ class GradientTape:
         if self._used and not self._persistent:
             raise RuntimeError("A non-persistent GradientTape can only be used to compute one "
                                "set of gradients (or jacobians)")
+        if isinstance(unconnected_gradients, UnconnectedGradients):
+            unconnected_gradients = unconnected_gradients.value
         if unconnected_gradients not in (None, "none", "zero"):
             raise ValueError(f"unconnected_gradients must be 'none' or 'zero', got "
                              f"{unconnected_gradients!r}")

@@ -194,6 +194,13 @@ def test_unconnected_gradients_zero():
         y = fb.batch_norm(x)
     (grad,) = tape.gradient(y, [np.zeros(3)], unconnected_gradients="zero")
     assert grad.tolist() == [0, 0, 0]
+    # TF's enum, as tf.UnconnectedGradients.ZERO / NONE.
+    with fb.GradientTape(persistent=True) as tape:
+        y = fb.batch_norm(x)
+    (grad,) = tape.gradient(y, [np.zeros(3)], unconnected_gradients=fb.UnconnectedGradients.ZERO)
+    assert grad.tolist() == [0, 0, 0]
+    assert tape.gradient(y, [np.zeros(3)],
+                         unconnected_gradients=fb.UnconnectedGradients.NONE) == [None]
 
 
 def test_arbitrary_activation_is_a_clear_error_at_gradient_time():
