@@ -389,8 +389,9 @@ class CythonBackend(Backend):
     def train_forward(self, x, scale, offset, epsilon, weights=None, out=None, relu=False,
                       activation=None):
         if weights is not None:
-            y, mean, var = super().train_forward(x, scale, offset, epsilon, weights, out, relu)
-            return self._activated(activation, -1, y, out), mean, var
+            # Weighted statistics, then normalize (which applies the activation).
+            return super().train_forward(x, scale, offset, epsilon, weights, out, relu,
+                                         activation=activation)
         xk, ct, y = self._operands(x, out)
         after = self._after(activation, x, y)
         mean, var = self._run(
