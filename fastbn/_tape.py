@@ -263,6 +263,7 @@ def _lookup(grads, source, zero):
     else:
         raise TypeError(f"sources must be arrays given to batch_norm or fastbn.Variables, got "
                         f"{type(source).__name__}")
+    dtype = dtype.newbyteorder("=")  # (a big-endian source's gradient: TF's native type)
     if grad is None:
         return np.zeros(shape, dtype) if zero else None
     return np.asarray(grad).astype(dtype, copy=False)

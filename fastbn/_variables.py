@@ -57,9 +57,11 @@ AUTO_REUSE = _ReuseMode()
 
 def _as_dtype(dtype, argument="dtype"):
     try:
-        return np.dtype(dtype)
+        dtype = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"{argument} must be a NumPy dtype or dtype name, got {dtype!r}") from None
+    # TF's types are the machine's: a big-endian '>f4' is its float32.
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
 
 
 class Variable(NDArrayOperatorsMixin):
@@ -220,6 +222,8 @@ def _to_array(value, argument, dtype=None):
         value = value._value
     if dtype is not None:
         dtype = _as_dtype(dtype, "dtype")
+    elif isinstance(value, np.ndarray) and not value.dtype.isnative:
+        dtype = _as_dtype(value.dtype)
     elif not isinstance(value, np.ndarray) and not hasattr(value, "__array__"):
         # TensorFlow turns Python floats into float32 and ints into int32.
         probe = np.asarray(value)

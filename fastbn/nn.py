@@ -109,6 +109,10 @@ def as_float_array(value, argument):
             raise TypeError(f"{argument} must be a floating-point array: {err}") from None
         if native and array.dtype == np.float64:
             array = array.astype(np.float32)
+    if not array.dtype.isnative and array.dtype.kind == "f":
+        # Data read from a big-endian file: TF takes it in its native type; so do we,
+        # on a copy, the kernels computing in the machine's order only.
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{argument} must be a floating-point array (float16, float32 or float64), "
@@ -194,7 +198,9 @@ def check_out(out, x, argument="out"):
     if out.shape != x.shape:
         raise ValueError(f"{argument} must have the input's shape {x.shape}, got {out.shape}")
     if out.dtype != x.dtype:
-        raise TypeError(f"{argument} must have the input's dtype {x.dtype}, got {out.dtype}")
+        order = "" if out.dtype.isnative else " in the machine's byte order"
+        raise TypeError(f"{argument} must have the input's dtype {x.dtype}{order}, got "
+                        f"{out.dtype.str if order else out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{argument} must be writeable")
     return out

@@ -188,6 +188,21 @@ def test_unconnected_sources_and_defaults():
         tape.gradient(y, [x])
 
 
+def test_big_endian_sources_get_native_gradients():
+    x = np.random.default_rng(10).standard_normal((5, 2)).astype(np.float32)
+    big = x.astype(">f4")
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(big, scale=True)
+    dy = np.arange(10, dtype=">f4").reshape(5, 2)
+    got = tape.gradient(y, [big, np.zeros(2, ">f4")], output_gradients=dy,
+                        unconnected_gradients="zero")
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(x, scale=True)
+    (want,) = tape.gradient(y, [x], output_gradients=dy.astype(np.float32))
+    assert got[0].dtype == np.float32 and got[1].dtype == np.float32
+    np.testing.assert_array_equal(got[0], want)
+
+
 def test_unconnected_gradients_zero():
     x = np.random.default_rng(9).standard_normal((5, 2))
     with fb.GradientTape() as tape:

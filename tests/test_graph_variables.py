@@ -92,6 +92,19 @@ def test_variable_value_is_isolated_from_caller():
     assert v.numpy()[0] == 1.0
 
 
+def test_variables_of_big_endian_values_have_native_dtypes():
+    # tf.Variable of a '>f4' array is a float32 variable.
+    big = np.array([1.5, -2.0], ">f4")
+    v = fb.Variable(big)
+    assert v.dtype == np.float32 and v.numpy().dtype.isnative
+    assert v.numpy().tolist() == [1.5, -2.0]
+    assert fb.Variable([1.0], dtype=">f8").dtype == np.float64
+    v.assign(np.array([3.0, 4.0], ">f8"))
+    assert v.dtype == np.float32 and v.numpy().tolist() == [3.0, 4.0]
+    assert fb.get_variable("w", [2], dtype=">f4", initializer=fb.zeros_initializer()).dtype \
+        == np.float32
+
+
 def test_variable_assign_and_arithmetic():
     v = fb.Variable([1.0, 2.0])
     assert v.assign([3, 4]) is v

@@ -566,6 +566,33 @@ def test_python_lists_are_float32():
     assert mean.dtype == np.float32 and mean.tolist() == [2.0, 3.0]
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_big_endian_data_gives_the_native_results(backend, dtype):
+    # As read from a big-endian file: TF converts such arrays to its native types.
+    x = _data((4, 5, 6), dtype)
+    dy = _data((4, 5, 6), dtype, seed=1)
+    swapped = x.astype(x.dtype.newbyteorder("S"))
+    kept = swapped.copy()
+    assert not swapped.dtype.isnative
+    c = np.ones(6, np.float32 if dtype == np.float16 else dtype)
+    mean, var = (v.astype(c.dtype) for v in nn.moments(x, [0, 1]))
+    for op in (lambda a: nn.fused_batch_norm(a, c, c)[0],
+               lambda a: nn.fused_batch_norm(a, c, c, mean, var, is_training=False)[0],
+               lambda a: nn.moments(a, [0, 1])[1],
+               lambda a: nn.batch_normalization(a, mean, var, c, c, 1e-3),
+               lambda a: nn.fused_batch_norm_grad(dy, a, c, mean, var)[0],
+               lambda a: nn.relu(a)):
+        got, want = np.asarray(op(swapped)), np.asarray(op(x))
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    with fb.Graph().as_default():
+        np.testing.assert_array_equal(fb.batch_norm(swapped), fb.batch_norm(x))
+    assert swapped.dtype == kept.dtype
+    np.testing.assert_array_equal(swapped, kept)
+    with pytest.raises(TypeError, match="out must have the input's dtype .* byte order"):
+        nn.fused_batch_norm(x, c, c, out=np.empty_like(swapped))
+
+
 def test_variables_are_accepted_as_arrays(backend):
     v = fb.Variable(_data((4, 3)))
     mean, _ = nn.moments(v, [0])
