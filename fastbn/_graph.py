@@ -82,15 +82,15 @@ class Graph:
                 seen.add(name)
                 self.add_to_collection(name, value)
 
-    def get_collection_ref(self, key):
+    def get_collection_ref(self, name):
         """The list behind a collection itself: changes to it change the collection."""
-        _check_collection_name(key, "key")
-        return self._collections.setdefault(key, [])
+        _check_collection_name(name)
+        return self._collections.setdefault(name, [])
 
-    def get_collection(self, key, scope=None):
+    def get_collection(self, name, scope=None):
         """A copy of a collection, filtered by `re.match(scope, item.name)` when given."""
-        _check_collection_name(key, "key")
-        items = self._collections.get(key, ())
+        _check_collection_name(name)
+        items = self._collections.get(name, ())
         if scope is None:
             return list(items)
         if not isinstance(scope, str):
@@ -170,10 +170,12 @@ def reset_default_graph():
 
 def get_collection(key, scope=None):
     """`get_default_graph().get_collection(key, scope)`."""
+    _check_collection_name(key, "key")
     return get_default_graph().get_collection(key, scope)
 
 
 def get_collection_ref(key):
+    _check_collection_name(key, "key")
     return get_default_graph().get_collection_ref(key)
 
 

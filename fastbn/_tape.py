@@ -10,6 +10,7 @@ recorded call to the next as they are; computation outside batch_norm is not
 seen by the tape.  Recorded arrays must not be modified before `gradient`.
 """
 
+import contextlib
 import enum
 import threading
 
@@ -125,13 +126,16 @@ class GradientTape:
     Args:
       persistent: allow several `gradient` calls (otherwise one, after which
         the recorded calls are released).
-      watch_accessed_variables: accepted for TF compatibility; every variable
-        a recorded call uses can be a source.
+      watch_accessed_variables: whether the trainable variables recorded calls
+        use are watched (`watched_variables`).  Every variable a recorded call
+        uses can be a source either way.
     """
 
     def __init__(self, persistent=False, watch_accessed_variables=True):
         self._persistent = bool(persistent)
+        self._watch_accessed = bool(watch_accessed_variables)
         self._nodes = []
+        self._watched = []
         self._used = False
         self._recording = False
 
@@ -148,17 +152,51 @@ class GradientTape:
         return False
 
     def watch(self, tensor):
-        """Accepted for TF compatibility: recorded calls are watched already."""
+        """Watches the `fastbn.Variable`s in `tensor` (one, or a nested list): they are
+        among `watched_variables()`.  Arrays need no watching: recorded calls are
+        watched already."""
+        for item in tensor if isinstance(tensor, (list, tuple)) else [tensor]:
+            if isinstance(item, (list, tuple)):
+                self.watch(item)
+            elif isinstance(item, Variable) and item not in self._watched:
+                self._watched.append(item)
+
+    def watched_variables(self):
+        """The variables this tape watches, in the order they were created, as TF's: those
+        given to `watch`, and (with watch_accessed_variables) the trainable variables
+        the recorded calls used."""
+        watched = list(self._watched)
+        if self._watch_accessed:
+            for node in self._nodes:
+                for var in (node.beta, node.gamma):
+                    if var is not None and var.trainable and var not in watched:
+                        watched.append(var)
+        return tuple(sorted(watched, key=lambda var: var._serial))
+
+    @contextlib.contextmanager
+    def stop_recording(self):
+        """A context inside which this tape records nothing, as TF's."""
+        if not self._recording:
+            raise RuntimeError("Trying to stop recording a tape which is not recording.")
+        _state.tapes.remove(self)
+        self._recording = False
+        try:
+            yield
+        finally:
+            _state.tapes.append(self)
+            self._recording = True
 
     def reset(self):
-        """Forgets everything recorded so far."""
+        """Forgets everything recorded (and watched) so far."""
         self._nodes = []
+        self._watched = []
         self._used = False
 
     def _record(self, node):
         self._nodes.append(node)
 
-    def gradient(self, target, sources, output_gradients=None, unconnected_gradients=None):
+    def gradient(self, target, sources, output_gradients=None,
+                 unconnected_gradients=UnconnectedGradients.NONE):
         """The gradient of sum(target * output_gradients) with respect to each source.
 
         Args:

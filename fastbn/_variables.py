@@ -5,6 +5,7 @@ A `Variable` holds a NumPy array.  Variables created through `get_variable`
 scoped name, so that `reuse` finds them again, exactly as in TF1.
 """
 
+import itertools
 import numbers
 import re
 
@@ -64,20 +65,51 @@ def _as_dtype(dtype, argument="dtype"):
     return dtype if dtype.isnative else dtype.newbyteorder("=")
 
 
+def _refuse_unsupported(function, **arguments):
+    """ValueError for the first of TF's `arguments` of `function` that fastbn cannot honour
+    and that is given (not None)."""
+    for argument, value in arguments.items():
+        if value is not None:
+            raise ValueError(f"{function}: {argument} is not supported by fastbn")
+
+
+def _shape_agrees(actual, shape):
+    """Whether a value of shape `actual` fits `shape` (a sequence whose None dimensions
+    match anything)."""
+    if isinstance(shape, numbers.Integral):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    return len(shape) == len(actual) and all(d is None or d == n for d, n in zip(shape, actual))
+
+
+_SERIALS = itertools.count()
+
+
 class Variable(NDArrayOperatorsMixin):
     """A mutable array with a TF-style name, like `tf.Variable`.
+
+    Takes `tf.compat.v1.Variable`'s arguments, in its order:
 
     Args:
       initial_value: an array-like (or a callable returning one) giving the
         initial value and, unless `dtype` is given, the dtype.  Python floats
         become float32 and Python ints int32, as in TensorFlow.
-      name: the name; made unique in the default graph's current name scope
-        (`'v'`, `'v_1'`, ...).  Defaults to `'Variable'`.
-      trainable: if True the variable is also added to
+      trainable: if True (or None, the default) the variable is also added to
         `GraphKeys.TRAINABLE_VARIABLES`.
-      dtype: if given, the initial value is cast to it.
       collections: the graph collections to add the variable to; defaults to
         `[GraphKeys.GLOBAL_VARIABLES]`.
+      name: the name; made unique in the default graph's current name scope
+        (`'v'`, `'v_1'`, ...).  Defaults to `'Variable'`.
+      dtype: if given, the initial value is cast to it.
+      shape: if given, the value's shape must agree with it (None for a
+        dimension that may be anything).
+      caching_device, variable_def, import_scope, constraint: not supported
+        (ValueError unless None); validate_shape, expected_shape, use_resource,
+        synchronization, aggregation: accepted, no effect (a fastbn Variable
+        always has its value's shape and lives in this process).
 
     `.name` reads as TF prints it (`'bn/moving_mean:0'`), `.numpy()` returns a
     copy of the value, `.assign(value)` replaces it.  A Variable takes part in
@@ -85,16 +117,28 @@ class Variable(NDArrayOperatorsMixin):
     variables do.
     """
 
-    __slots__ = ("_value", "_op_name", "_trainable", "__weakref__")
+    __slots__ = ("_value", "_op_name", "_trainable", "_serial", "__weakref__")
 
-    def __init__(self, initial_value, name=None, trainable=True, dtype=None, collections=None):
+    def __init__(self, initial_value=None, trainable=None, collections=None, validate_shape=True,
+                 caching_device=None, name=None, variable_def=None, dtype=None,
+                 expected_shape=None, import_scope=None, constraint=None, use_resource=None,
+                 synchronization=None, aggregation=None, shape=None):
+        _refuse_unsupported("Variable", caching_device=caching_device, variable_def=variable_def,
+                            import_scope=import_scope, constraint=constraint)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if trainable is None:
+            trainable = True
         if not isinstance(trainable, (bool, np.bool_)):
             raise TypeError(f"trainable must be a bool, got {type(trainable).__name__}")
+        if initial_value is None:
+            raise ValueError("initial_value must be specified")
         if callable(initial_value):
             initial_value = initial_value()
         value = _to_array(initial_value, "initial_value", dtype)
+        if shape is not None and not _shape_agrees(value.shape, shape):
+            raise ValueError(f"initial_value has shape {value.shape}, not the shape {shape} "
+                             "given")
         graph = get_default_graph()
         scope = get_variable_scope().name
         name = name or "Variable"
@@ -113,6 +157,8 @@ class Variable(NDArrayOperatorsMixin):
         self._value = value
         self._op_name = op_name
         self._trainable = trainable
+        # Creation order (GradientTape.watched_variables sorts by it, as TF by its ids).
+        self._serial = next(_SERIALS)
 
     # -- TF-style attributes ------------------------------------------------
     @property
@@ -148,8 +194,12 @@ class Variable(NDArrayOperatorsMixin):
 
     read_value = value
 
-    def assign(self, value):
-        """Replaces the value (cast to this variable's dtype; the shape must match)."""
+    def assign(self, value, use_locking=False, name=None, read_value=True):
+        """Replaces the value (cast to this variable's dtype; the shape must match).
+
+        Returns the variable, or None with `read_value=False` (as TF's eager
+        assign).  `use_locking` and `name` are accepted for TF compatibility.
+        """
         new = np.asarray(value)
         if new.shape != self._value.shape:
             try:
@@ -162,13 +212,15 @@ class Variable(NDArrayOperatorsMixin):
         if new.dtype.kind not in "fcbiu":
             raise TypeError(f"value must be numeric to assign to {self.name}, got {new.dtype}")
         self._value = np.array(new, dtype=self._value.dtype, copy=True)
-        return self
+        return self if read_value else None
 
-    def assign_add(self, delta):
-        return self.assign(self._value + np.asarray(delta, dtype=self._value.dtype))
+    def assign_add(self, delta, use_locking=False, name=None, read_value=True):
+        return self.assign(self._value + np.asarray(delta, dtype=self._value.dtype),
+                           read_value=read_value)
 
-    def assign_sub(self, delta):
-        return self.assign(self._value - np.asarray(delta, dtype=self._value.dtype))
+    def assign_sub(self, delta, use_locking=False, name=None, read_value=True):
+        return self.assign(self._value - np.asarray(delta, dtype=self._value.dtype),
+                           read_value=read_value)
 
     # -- NumPy interoperability ---------------------------------------------
     def __array__(self, dtype=None, copy=None):
@@ -262,7 +314,12 @@ class VariableScope:
 
     __slots__ = ("_name", "_reuse", "_initializer", "_regularizer", "_dtype")
 
-    def __init__(self, reuse, name="", initializer=None, regularizer=None, dtype=np.float32):
+    def __init__(self, reuse, name="", initializer=None, regularizer=None, caching_device=None,
+                 partitioner=None, custom_getter=None, name_scope="", dtype=np.float32,
+                 use_resource=None, constraint=None):
+        _refuse_unsupported("VariableScope", caching_device=caching_device,
+                            partitioner=partitioner, custom_getter=custom_getter,
+                            constraint=constraint)
         self._name = name
         self._reuse = reuse
         self._initializer = initializer
@@ -371,11 +428,9 @@ class variable_scope:
                  regularizer=None, caching_device=None, partitioner=None, custom_getter=None,
                  reuse=None, dtype=None, use_resource=None, constraint=None,
                  auxiliary_name_scope=True):
-        for value, argument in ((caching_device, "caching_device"),
-                                (partitioner, "partitioner"),
-                                (custom_getter, "custom_getter"), (constraint, "constraint")):
-            if value is not None:
-                raise ValueError(f"variable_scope: {argument} is not supported by fastbn")
+        _refuse_unsupported("variable_scope", caching_device=caching_device,
+                            partitioner=partitioner, custom_getter=custom_getter,
+                            constraint=constraint)
         if regularizer is not None and not callable(regularizer):
             raise TypeError(f"regularizer must be callable, got {type(regularizer).__name__}")
         self._defaults = (initializer, regularizer, None if dtype is None else _as_dtype(dtype))
@@ -424,7 +479,7 @@ class variable_scope:
         scope = VariableScope(reuse if reuse is not None else False, new_name,
                               parent.initializer if initializer is None else initializer,
                               parent.regularizer if regularizer is None else regularizer,
-                              parent.dtype if dtype is None else dtype)
+                              dtype=parent.dtype if dtype is None else dtype)
         stack.append((scope, set()))
         return scope
 
@@ -516,7 +571,9 @@ class RegularizationLoss:
 
 
 def get_variable(name, shape=None, dtype=None, initializer=None, regularizer=None,
-                 trainable=True, collections=None):
+                 trainable=None, collections=None, caching_device=None, partitioner=None,
+                 validate_shape=True, use_resource=None, custom_getter=None, constraint=None,
+                 synchronization=None, aggregation=None):
     """Gets an existing variable of the current scope or creates one, as `tf.get_variable`.
 
     Creating a variable that exists raises ValueError unless the scope reuses;
@@ -525,8 +582,13 @@ def get_variable(name, shape=None, dtype=None, initializer=None, regularizer=Non
     (or an array); `regularizer` a callable `(value) -> scalar or None`, whose
     result is added to `GraphKeys.REGULARIZATION_LOSSES` when the variable is
     created.  Where they (or `dtype`) are None, the scope's defaults apply (see
-    `variable_scope`; dtype float32 by default).
+    `variable_scope`; dtype float32 by default).  `trainable` None means True.
+    caching_device, partitioner, custom_getter and constraint are not supported
+    (ValueError unless None); validate_shape, use_resource, synchronization and
+    aggregation are accepted and have no effect.
     """
+    _refuse_unsupported("get_variable", caching_device=caching_device, partitioner=partitioner,
+                        custom_getter=custom_getter, constraint=constraint)
     return _get_variable(name, shape, dtype, initializer, regularizer, trainable, collections,
                          False)
 
@@ -576,7 +638,8 @@ def _get_variable(name, shape, dtype, initializer, regularizer, trainable, colle
     if shape is None:
         raise ValueError(f"shape is required to create variable {full_name}")
     value = _initial_value(initializer, shape, dtype, full_name)
-    var = Variable._create(value, full_name, bool(trainable))
+    trainable = True if trainable is None else bool(trainable)
+    var = Variable._create(value, full_name, trainable)
     if model:
         collections = list(collections or ())
         collections += [GraphKeys.GLOBAL_VARIABLES, GraphKeys.MODEL_VARIABLES]
@@ -592,8 +655,16 @@ def _get_variable(name, shape, dtype, initializer, regularizer, trainable, colle
 
 
 def model_variable(name, shape=None, dtype=np.float32, initializer=None, regularizer=None,
-                   trainable=True, collections=None):
-    """`get_variable` that also adds the variable to `GraphKeys.MODEL_VARIABLES` (slim)."""
+                   trainable=True, collections=None, caching_device=None, device=None,
+                   partitioner=None, custom_getter=None, use_resource=None,
+                   synchronization=None, aggregation=None):
+    """`get_variable` that also adds the variable to `GraphKeys.MODEL_VARIABLES` (slim).
+
+    `device` is accepted and has no effect (the value is a host array); the
+    other arguments beyond `get_variable`'s as there.
+    """
+    _refuse_unsupported("model_variable", caching_device=caching_device,
+                        partitioner=partitioner, custom_getter=custom_getter)
     return _get_variable(name, shape, dtype, initializer, regularizer, trainable, collections,
                          True)
 
@@ -614,7 +685,9 @@ def model_variables(scope=None):
     return get_default_graph().get_collection(GraphKeys.MODEL_VARIABLES, scope)
 
 
-get_model_variables = model_variables
+def get_model_variables(scope=None, suffix=None):
+    """The model variables matching `scope` and `suffix`, as slim's."""
+    return get_variables(scope, suffix, GraphKeys.MODEL_VARIABLES)
 
 
 def moving_average_variables(scope=None):

@@ -813,11 +813,12 @@ def _activation(kind, value, argument):
     return as_caller_kind(backends.get_for(x).activation(kind, x), value)
 
 
-def relu_grad(gradients, features, out=None):
+def relu_grad(gradients, features, name=None, out=None):
     """TF's ReluGrad: `gradients * (features > 0)`, the gradient through `relu` from its
     output (or its input: the same signs).
 
-    Arrays of one shape and float dtype (host or device); `out`, an array of that
+    Arrays of one shape and float dtype (host or device); `name`, accepted for TF
+    compatibility (unused); `out`, an array of that
     shape and dtype to write into (either input itself works).  As every activation
     gradient here: computed in the data's dtype, as TF does (float16 in float32,
     rounded once).
@@ -825,25 +826,25 @@ def relu_grad(gradients, features, out=None):
     return _activation_grad("relu", gradients, features, out, "gradients", "features")
 
 
-def relu6_grad(gradients, features, out=None):
+def relu6_grad(gradients, features, name=None, out=None):
     """TF's Relu6Grad: `gradients * ((features > 0) & (features < 6))`, the gradient
     through `relu6` from its output (or its input).  Arguments as `relu_grad`'s."""
     return _activation_grad("relu6", gradients, features, out, "gradients", "features")
 
 
-def sigmoid_grad(y, dy, out=None):
+def sigmoid_grad(y, dy, name=None, out=None):
     """TF's SigmoidGrad: `dy * (y * (1 - y))`, the gradient through `sigmoid` from its
     output y.  Arguments as `relu_grad`'s."""
     return _activation_grad("sigmoid", dy, y, out, "dy", "y")
 
 
-def tanh_grad(y, dy, out=None):
+def tanh_grad(y, dy, name=None, out=None):
     """TF's TanhGrad: `dy * (1 - y * y)`, the gradient through `tanh` from its output y.
     Arguments as `relu_grad`'s."""
     return _activation_grad("tanh", dy, y, out, "dy", "y")
 
 
-def elu_grad(gradients, outputs, out=None):
+def elu_grad(gradients, outputs, name=None, out=None):
     """TF's EluGrad: `gradients * (outputs + 1)` where outputs < 0, else `gradients`,
     the gradient through `elu` from its output.  Arguments as `relu_grad`'s."""
     return _activation_grad("elu", gradients, outputs, out, "gradients", "outputs")

@@ -188,6 +188,30 @@ def test_unconnected_sources_and_defaults():
         tape.gradient(y, [x])
 
 
+def test_watched_variables_and_stop_recording():
+    x = np.random.default_rng(11).standard_normal((6, 3)).astype(np.float32)
+    with fb.GradientTape() as tape:
+        y = fb.batch_norm(x, scale=True, scope="bn")
+        with tape.stop_recording():
+            fb.batch_norm(y, scale=True, scope="ignored")
+        fb.batch_norm(y, center=False, trainable=False, scope="frozen")
+        moving_mean = fb.get_variables_by_name("moving_mean")[0]
+        tape.watch([moving_mean])
+    # TF's: the watched variables in the order they were created -- beta before gamma,
+    # as slim creates them -- and the trainable ones only, of what was recorded.
+    assert [v.name for v in tape.watched_variables()] == [
+        "bn/beta:0", "bn/gamma:0", "bn/moving_mean:0"]
+    with pytest.raises(RuntimeError, match="not recording"):
+        with tape.stop_recording():
+            pass
+    quiet = fb.GradientTape(watch_accessed_variables=False)
+    with quiet:
+        fb.batch_norm(x, scope="bn2")
+    assert quiet.watched_variables() == ()
+    tape.reset()
+    assert tape.watched_variables() == ()
+
+
 def test_big_endian_sources_get_native_gradients():
     x = np.random.default_rng(10).standard_normal((5, 2)).astype(np.float32)
     big = x.astype(">f4")

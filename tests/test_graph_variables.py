@@ -92,6 +92,54 @@ def test_variable_value_is_isolated_from_caller():
     assert v.numpy()[0] == 1.0
 
 
+def test_variable_takes_tf1s_arguments():
+    # tf.compat.v1.Variable(initial_value, trainable, collections, validate_shape, ...)
+    v = fb.Variable([1.0, 2.0], False, ["mine"])
+    assert not v.trainable and fb.get_collection("mine") == [v]
+    assert v not in fb.global_variables()
+    assert fb.Variable(1.0, trainable=None).trainable  # None means True, as in TF
+    w = fb.Variable([1.0, 2.0], name="w", shape=(None,), validate_shape=False,
+                    use_resource=True, expected_shape=(2,), synchronization=None,
+                    aggregation=None)
+    assert w.name == "w:0"
+    with pytest.raises(ValueError, match="shape"):
+        fb.Variable([1.0, 2.0], shape=(3,))
+    with pytest.raises(ValueError, match="initial_value must be specified"):
+        fb.Variable()
+    for argument in ("caching_device", "variable_def", "import_scope", "constraint"):
+        with pytest.raises(ValueError, match=f"{argument} is not supported"):
+            fb.Variable(1.0, **{argument: "x"})
+    assert w.assign([3.0, 4.0], read_value=False) is None
+    assert w.assign_add([1.0, 1.0], use_locking=True, name="add") is w
+    assert w.numpy().tolist() == [4.0, 5.0]
+
+
+def test_get_variable_and_model_variable_take_tfs_arguments():
+    init = fb.zeros_initializer()
+    v = fb.get_variable("v", [2], initializer=init, trainable=None, validate_shape=True,
+                        use_resource=True, synchronization=None, aggregation=None)
+    assert v in fb.trainable_variables()  # trainable None means True, as in TF
+    m = fb.model_variable("m", [2], initializer=init, device="/cpu:0", use_resource=True)
+    assert m in fb.model_variables() and m in fb.trainable_variables()
+    for argument in ("caching_device", "partitioner", "custom_getter", "constraint"):
+        with pytest.raises(ValueError, match=f"get_variable: {argument} is not supported"):
+            fb.get_variable("u", [2], initializer=init, **{argument: lambda *a: None})
+    for argument in ("caching_device", "partitioner", "custom_getter"):
+        with pytest.raises(ValueError, match=f"model_variable: {argument} is not supported"):
+            fb.model_variable("u", [2], initializer=init, **{argument: lambda *a: None})
+    with pytest.raises(ValueError, match="VariableScope: partitioner is not supported"):
+        fb.VariableScope(False, "s", partitioner=lambda *a: None)
+    assert fb.VariableScope(False, "s", dtype=np.float64).dtype == np.float64
+    with fb.variable_scope("a"):
+        fb.model_variable("gamma", [1], initializer=init)
+        fb.model_variable("beta", [1], initializer=init)
+    assert [x.name for x in fb.get_model_variables("a", suffix="beta")] == ["a/beta:0"]
+    g = fb.get_default_graph()
+    assert g.get_collection(name=fb.GraphKeys.MODEL_VARIABLES, scope="a") == \
+        fb.get_model_variables("a")
+    assert g.get_collection_ref(name="mine") is g.get_collection_ref("mine")
+
+
 def test_variables_of_big_endian_values_have_native_dtypes():
     # tf.Variable of a '>f4' array is a float32 variable.
     big = np.array([1.5, -2.0], ">f4")

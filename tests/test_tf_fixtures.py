@@ -5,6 +5,7 @@ values and update runs, then compares outputs and every variable after each
 step, the variable names and collections, and the number of update ops.
 """
 
+import inspect
 import json
 import os
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 import fastbn as fb
-from tf_cases import CUSTOM_UPDATES, decode, make_inputs, run_scope_program, scope_programs
+from tf_cases import (CUSTOM_UPDATES, decode, make_inputs, plain_default, run_scope_program,
+                      scope_programs)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -210,3 +212,31 @@ def test_scope_program_matches_tensorflow(index):
     log = run_scope_program(program, fb.variable_scope, fb.batch_norm, fb.l2_regularizer,
                             fb.AUTO_REUSE, state)
     assert json.loads(json.dumps(log)) == SCOPE_LOGS[index]
+
+
+with open(os.path.join(FIXTURES, "tf_signatures.json")) as _f:
+    SIGNATURES = json.load(_f)["signatures"]
+
+
+def _fastbn_callable(dotted):
+    target = fb
+    for part in dotted.split("."):
+        target = getattr(target, part)
+    return target.__init__ if inspect.isclass(target) else target
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature_is_tensorflows(name):
+    # TF's parameters, in TF's order, with TF's defaults where they are plain values (a
+    # TF dtype or enum default only has to be a default); fastbn's own after them.
+    ours = [p for p in inspect.signature(_fastbn_callable(name)).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    theirs = SIGNATURES[name]["parameters"]
+    assert [p.name for p in ours[:len(theirs)]] == [t[0] for t in theirs], SIGNATURES[name]["tf"]
+    for p, (param, has_default, default) in zip(ours, theirs):
+        if has_default:
+            assert p.default is not p.empty, f"{param} needs a default"
+            if default != "<object>":
+                assert plain_default(p.default) == default, f"{param} default"
+    for p in ours[len(theirs):]:
+        assert p.default is not p.empty, f"fastbn's own {p.name} needs a default"

@@ -481,3 +481,75 @@ def run_scope_program(program, variable_scope, batch_norm, l2_regularizer, auto_
     except (ValueError, TypeError) as err:
         log.append(["error", type(err).__name__])
     return log
+
+
+# fastbn's public callables with a TF counterpart: (fastbn's name, TF's), each a dotted
+# path, TF's from `tf`, `tf1` (tf.compat.v1), `slim` or `raw` (tf.raw_ops).  Code ported
+# from TF passes their arguments by name and by position: fastbn takes TF's parameters
+# in TF's order (its own extras, such as `out=`, after them).
+SIGNATURES = [
+    ("batch_norm", "slim.batch_norm"),
+    ("nn.moments", "tf1.nn.moments"),
+    ("nn.weighted_moments", "tf1.nn.weighted_moments"),
+    ("nn.batch_normalization", "tf1.nn.batch_normalization"),
+    ("nn.fused_batch_norm", "tf1.nn.fused_batch_norm"),
+    ("nn.relu", "tf.nn.relu"),
+    ("nn.relu6", "tf.nn.relu6"),
+    ("nn.sigmoid", "tf.nn.sigmoid"),
+    ("nn.tanh", "tf.nn.tanh"),
+    ("nn.elu", "tf.nn.elu"),
+    ("nn.relu_grad", "raw.ReluGrad"),
+    ("nn.relu6_grad", "raw.Relu6Grad"),
+    ("nn.sigmoid_grad", "raw.SigmoidGrad"),
+    ("nn.tanh_grad", "raw.TanhGrad"),
+    ("nn.elu_grad", "raw.EluGrad"),
+    ("Variable", "tf1.Variable.__init__"),
+    ("Variable.assign", "tf1.Variable.assign"),
+    ("Variable.assign_add", "tf1.Variable.assign_add"),
+    ("Variable.assign_sub", "tf1.Variable.assign_sub"),
+    ("VariableScope", "tf1.VariableScope.__init__"),
+    ("variable_scope", "tf1.variable_scope.__init__"),
+    ("get_variable", "tf1.get_variable"),
+    ("get_variable_scope", "tf1.get_variable_scope"),
+    ("Graph.get_collection", "tf1.Graph.get_collection"),
+    ("Graph.get_collection_ref", "tf1.Graph.get_collection_ref"),
+    ("Graph.add_to_collection", "tf1.Graph.add_to_collection"),
+    ("Graph.add_to_collections", "tf1.Graph.add_to_collections"),
+    ("get_collection", "tf1.get_collection"),
+    ("get_collection_ref", "tf1.get_collection_ref"),
+    ("add_to_collection", "tf1.add_to_collection"),
+    ("add_to_collections", "tf1.add_to_collections"),
+    ("global_variables", "tf1.global_variables"),
+    ("local_variables", "tf1.local_variables"),
+    ("trainable_variables", "tf1.trainable_variables"),
+    ("model_variables", "tf1.model_variables"),
+    ("moving_average_variables", "tf1.moving_average_variables"),
+    ("get_regularization_losses", "tf1.losses.get_regularization_losses"),
+    ("reset_default_graph", "tf1.reset_default_graph"),
+    ("GradientTape", "tf.GradientTape.__init__"),
+    ("GradientTape.gradient", "tf.GradientTape.gradient"),
+    ("GradientTape.watch", "tf.GradientTape.watch"),
+    ("GradientTape.watched_variables", "tf.GradientTape.watched_variables"),
+    ("GradientTape.stop_recording", "tf.GradientTape.stop_recording"),
+    ("GradientTape.reset", "tf.GradientTape.reset"),
+    ("arg_scope", "slim.arg_scope"),
+    ("add_arg_scope", "slim.add_arg_scope"),
+    ("model_variable", "slim.model_variable"),
+    ("get_variables", "slim.get_variables"),
+    ("get_model_variables", "slim.get_model_variables"),
+    ("get_variables_by_name", "slim.get_variables_by_name"),
+    ("get_variables_by_suffix", "slim.get_variables_by_suffix"),
+    ("l1_regularizer", "slim.l1_regularizer"),
+    ("l2_regularizer", "slim.l2_regularizer"),
+    ("constant_initializer", "tf1.constant_initializer.__init__"),
+    ("zeros_initializer", "tf1.zeros_initializer.__init__"),
+    ("ones_initializer", "tf1.ones_initializer.__init__"),
+]
+
+
+def plain_default(value):
+    """A parameter's default as the fixtures hold it: None, a bool, a number or a str as
+    itself; anything else (a TF dtype, an enum member) as the marker '<object>'."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return "<object>"

@@ -18,7 +18,9 @@ collections over several steps), tests/fixtures/tf_grad.{json,npz}
 (tf.gradients of the layer), tests/fixtures/tf_nn.{json,npz} (the nn
 ops, FusedBatchNormGrad and the activations' gradients included) and
 tests/fixtures/tf_scopes.json (programs of nested scopes and batch_norm calls:
-the variable names, collections and errors scoping gives).
+the variable names, collections and errors scoping gives) and
+tests/fixtures/tf_signatures.json (the parameters of TF's counterpart of each of
+fastbn's public callables).
 """
 
 import json
@@ -386,8 +388,34 @@ def record_scope_programs():
     return logs
 
 
+def record_signatures():
+    """TF's parameters of each of tf_cases.SIGNATURES: [name, has a default, default]
+    (tf_cases.plain_default), in order, self left out."""
+    import inspect
+
+    spaces = {"tf": tf, "tf1": tf1, "slim": slim, "raw": tf.raw_ops}
+    recorded = {}
+    for ours, theirs in tf_cases.SIGNATURES:
+        head, *path = theirs.split(".")
+        target = spaces[head]
+        for part in path:
+            target = getattr(target, part)
+        params = []
+        for p in inspect.signature(target).parameters.values():
+            if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            has_default = p.default is not p.empty
+            params.append([p.name, has_default,
+                           tf_cases.plain_default(p.default) if has_default else None])
+        recorded[ours] = {"tf": theirs, "parameters": params}
+    return recorded
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "tf_signatures.json"), "w") as f:
+        json.dump({"tensorflow": tf.__version__, "tf_slim": "1.1.0",
+                   "signatures": record_signatures()}, f, indent=0)
     with open(os.path.join(OUT, "tf_scopes.json"), "w") as f:
         json.dump({"tensorflow": tf.__version__, "tf_slim": "1.1.0",
                    "logs": record_scope_programs()}, f, indent=0)
