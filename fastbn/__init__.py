@@ -40,7 +40,11 @@ from ._variables import (
     variable_scope,
 )
 from .arg_scope import add_arg_scope, arg_scope
-from .initializers import constant_initializer, ones_initializer, zeros_initializer
+from .initializers import (constant_initializer, glorot_normal_initializer,
+                           glorot_uniform_initializer, ones_initializer,
+                           random_normal_initializer, random_uniform_initializer,
+                           truncated_normal_initializer, variance_scaling_initializer,
+                           zeros_initializer)
 from .layers import batch_norm
 from .regularizers import l1_regularizer, l2_regularizer
 
@@ -100,4 +104,10 @@ __all__ = [
     "trainable_variables",
     "variable_scope",
     "zeros_initializer",
+    "random_normal_initializer",
+    "truncated_normal_initializer",
+    "random_uniform_initializer",
+    "variance_scaling_initializer",
+    "glorot_uniform_initializer",
+    "glorot_normal_initializer",
 ]

@@ -13,6 +13,7 @@ import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from ._graph import GraphKeys, get_default_graph
+from .initializers import glorot_uniform_initializer
 
 __all__ = [
     "AUTO_REUSE",
@@ -526,10 +527,14 @@ def _normalize_shape(shape):
 
 def _initial_value(initializer, shape, dtype, full_name):
     if initializer is None:
+        # TF's defaults: glorot_uniform for floats, zeros for integers and bools.
         if dtype.kind == "f":
-            # TF's default for get_variable is glorot_uniform; layers always pass one.
-            raise ValueError(f"an initializer is required to create variable {full_name}")
-        return np.zeros(shape, dtype)
+            initializer = glorot_uniform_initializer()
+        elif dtype.kind in "iub":
+            return np.zeros(shape, dtype)
+        else:
+            raise ValueError(f"an initializer is required for variable {full_name} of "
+                             f"dtype {dtype}")
     if callable(initializer):
         value = initializer(shape, dtype)
     else:

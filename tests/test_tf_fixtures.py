@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import fastbn as fb
-from tf_cases import (CUSTOM_UPDATES, decode, make_inputs, plain_default, run_scope_program,
-                      scope_programs)
+from tf_cases import (CUSTOM_UPDATES, INITIALIZER_CASES, decode, make_inputs, plain_default,
+                      run_scope_program, scope_programs)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -240,3 +240,47 @@ def test_signature_is_tensorflows(name):
                 assert plain_default(p.default) == default, f"{param} default"
     for p in ours[len(theirs):]:
         assert p.default is not p.empty, f"fastbn's own {p.name} needs a default"
+
+
+with open(os.path.join(FIXTURES, "tf_initializers.json")) as _f:
+    INITIALIZER_STATISTICS = json.load(_f)["statistics"]
+
+
+@pytest.mark.parametrize("case", INITIALIZER_CASES, ids=[c[0] for c in INITIALIZER_CASES])
+def test_random_initializer_draws_from_tensorflows_distribution(case):
+    case_id, name, kwargs, shape, dtype, bounded = case
+    init = getattr(fb, name)(seed=3, **kwargs)
+    values = init(shape, dtype=np.dtype(dtype))
+    assert values.shape == shape and values.dtype == dtype
+    np.testing.assert_array_equal(values, init(shape, dtype=np.dtype(dtype)))  # a seed repeats
+    want = INITIALIZER_STATISTICS[case_id]
+    v = values.astype(np.float64)
+    std = want["std"]
+    assert abs(v.mean() - want["mean"]) < 5 * std / np.sqrt(v.size)
+    assert abs(v.std() - std) < 0.02 * std
+    if bounded:  # a large sample reaches the bounds: TF's and fastbn's agree
+        assert abs(v.min() - want["min"]) < 0.01 * std
+        assert abs(v.max() - want["max"]) < 0.01 * std
+
+
+def test_random_initializer_arguments():
+    with pytest.raises(ValueError, match="floating-point"):
+        fb.random_normal_initializer(dtype=np.int32)
+    with pytest.raises(ValueError, match="maxval is required"):
+        fb.random_uniform_initializer()((3,), np.int32)
+    ints = fb.random_uniform_initializer(2, 5, seed=0)((1000,), np.int32)
+    assert ints.dtype == np.int32 and set(ints.tolist()) == {2, 3, 4}
+    with pytest.raises(ValueError, match="mode"):
+        fb.variance_scaling_initializer(mode="fan")
+    with pytest.raises(ValueError, match="distribution"):
+        fb.variance_scaling_initializer(distribution="cauchy")
+    with pytest.raises(ValueError, match="scale"):
+        fb.variance_scaling_initializer(scale=0.0)
+    a, b = fb.glorot_uniform_initializer()((50,)), fb.glorot_uniform_initializer()((50,))
+    assert not np.array_equal(a, b)  # no seed: fresh values, as TF without one
+    # TF's slim idiom for GAN-style batch norm: gamma drawn around 1.
+    with fb.Graph().as_default():
+        fb.batch_norm(np.ones((4, 3), np.float32), scale=True, param_initializers={
+            "gamma": fb.random_normal_initializer(1.0, 0.02, seed=0)})
+        (gamma,) = fb.get_variables_by_name("gamma")
+        assert gamma.dtype == np.float32 and np.all(np.abs(gamma.numpy() - 1.0) < 0.2)

@@ -544,6 +544,16 @@ SIGNATURES = [
     ("constant_initializer", "tf1.constant_initializer.__init__"),
     ("zeros_initializer", "tf1.zeros_initializer.__init__"),
     ("ones_initializer", "tf1.ones_initializer.__init__"),
+    ("random_normal_initializer", "tf1.random_normal_initializer.__init__"),
+    ("truncated_normal_initializer", "tf1.truncated_normal_initializer.__init__"),
+    ("random_uniform_initializer", "tf1.random_uniform_initializer.__init__"),
+    ("variance_scaling_initializer", "tf1.variance_scaling_initializer.__init__"),
+    ("glorot_uniform_initializer", "tf1.glorot_uniform_initializer.__init__"),
+    ("glorot_normal_initializer", "tf1.glorot_normal_initializer.__init__"),
+    ("zeros_initializer.__call__", "tf1.zeros_initializer.__call__"),
+    ("constant_initializer.__call__", "tf1.constant_initializer.__call__"),
+    ("random_normal_initializer.__call__", "tf1.random_normal_initializer.__call__"),
+    ("variance_scaling_initializer.__call__", "tf1.variance_scaling_initializer.__call__"),
 ]
 
 
@@ -553,3 +563,31 @@ def plain_default(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return "<object>"
+
+
+# Random initializers: (id, TF1 name, arguments, shape, dtype, bounded). TF's random
+# numbers are its own; what fastbn must share is the distribution: the recorder keeps
+# the mean, standard deviation, minimum and maximum of TF's values (bounded: the
+# distribution has hard bounds, which a large sample reaches).
+INITIALIZER_CASES = [
+    ("normal", "random_normal_initializer", {"mean": 1.0, "stddev": 0.02}, (300, 400),
+     "float32", False),
+    ("truncated", "truncated_normal_initializer", {"mean": -0.5, "stddev": 2.0}, (300, 400),
+     "float32", True),
+    ("uniform", "random_uniform_initializer", {"minval": -0.3, "maxval": 0.7}, (300, 400),
+     "float32", True),
+    ("uniform-default", "random_uniform_initializer", {}, (300, 400), "float64", True),
+    ("scaling-default", "variance_scaling_initializer", {}, (3, 3, 64, 128), "float32", True),
+    ("scaling-fan-out-uniform", "variance_scaling_initializer",
+     {"scale": 2.0, "mode": "fan_out", "distribution": "uniform"}, (3, 3, 32, 64), "float32",
+     True),
+    ("scaling-fan-avg-untruncated", "variance_scaling_initializer",
+     {"mode": "fan_avg", "distribution": "untruncated_normal"}, (500, 300), "float32", False),
+    ("scaling-normal-alias", "variance_scaling_initializer", {"distribution": "normal"},
+     (400, 250), "float32", True),
+    ("scaling-rank-1", "variance_scaling_initializer", {"distribution": "uniform"}, (100000,),
+     "float32", True),
+    ("glorot-uniform", "glorot_uniform_initializer", {}, (300, 700), "float32", True),
+    ("glorot-uniform-conv", "glorot_uniform_initializer", {}, (5, 5, 16, 32), "float64", True),
+    ("glorot-normal", "glorot_normal_initializer", {}, (300, 700), "float32", True),
+]

@@ -20,7 +20,8 @@ ops, FusedBatchNormGrad and the activations' gradients included) and
 tests/fixtures/tf_scopes.json (programs of nested scopes and batch_norm calls:
 the variable names, collections and errors scoping gives) and
 tests/fixtures/tf_signatures.json (the parameters of TF's counterpart of each of
-fastbn's public callables).
+fastbn's public callables) and tests/fixtures/tf_initializers.json (the statistics
+of TF's random initializers' values).
 """
 
 import json
@@ -411,8 +412,26 @@ def record_signatures():
     return recorded
 
 
+def record_initializers():
+    """Statistics of TF's values for each of tf_cases.INITIALIZER_CASES."""
+    recorded = {}
+    for case_id, name, kwargs, shape, dtype, _ in tf_cases.INITIALIZER_CASES:
+        g = tf.Graph()
+        with g.as_default():
+            init = getattr(tf1, name)(seed=1, **kwargs)
+            values = init(list(shape), dtype=tf.as_dtype(dtype))
+            with tf1.Session(graph=g) as sess:
+                v = sess.run(values).astype(np.float64)
+        recorded[case_id] = {"mean": float(v.mean()), "std": float(v.std()),
+                             "min": float(v.min()), "max": float(v.max())}
+    return recorded
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "tf_initializers.json"), "w") as f:
+        json.dump({"tensorflow": tf.__version__, "statistics": record_initializers()}, f,
+                  indent=0)
     with open(os.path.join(OUT, "tf_signatures.json"), "w") as f:
         json.dump({"tensorflow": tf.__version__, "tf_slim": "1.1.0",
                    "signatures": record_signatures()}, f, indent=0)
