@@ -68,7 +68,9 @@ def _as_dtype(dtype, argument="dtype"):
 
 def _refuse_unsupported(function, **arguments):
     """ValueError for the first of TF's `arguments` of `function` that fastbn cannot honour
-    and that is given (not None)."""
+    and that is given (not None).  (Callers on the layer's path first test that one is
+    given, `a is b is ... is None` being true only when all are None: a call with
+    keywords costs more than the test, on every batch_norm call.)"""
     for argument, value in arguments.items():
         if value is not None:
             raise ValueError(f"{function}: {argument} is not supported by fastbn")
@@ -318,9 +320,10 @@ class VariableScope:
     def __init__(self, reuse, name="", initializer=None, regularizer=None, caching_device=None,
                  partitioner=None, custom_getter=None, name_scope="", dtype=np.float32,
                  use_resource=None, constraint=None):
-        _refuse_unsupported("VariableScope", caching_device=caching_device,
-                            partitioner=partitioner, custom_getter=custom_getter,
-                            constraint=constraint)
+        if not caching_device is partitioner is custom_getter is constraint is None:
+            _refuse_unsupported("VariableScope", caching_device=caching_device,
+                                partitioner=partitioner, custom_getter=custom_getter,
+                                constraint=constraint)
         self._name = name
         self._reuse = reuse
         self._initializer = initializer
@@ -429,9 +432,10 @@ class variable_scope:
                  regularizer=None, caching_device=None, partitioner=None, custom_getter=None,
                  reuse=None, dtype=None, use_resource=None, constraint=None,
                  auxiliary_name_scope=True):
-        _refuse_unsupported("variable_scope", caching_device=caching_device,
-                            partitioner=partitioner, custom_getter=custom_getter,
-                            constraint=constraint)
+        if not caching_device is partitioner is custom_getter is constraint is None:
+            _refuse_unsupported("variable_scope", caching_device=caching_device,
+                                partitioner=partitioner, custom_getter=custom_getter,
+                                constraint=constraint)
         if regularizer is not None and not callable(regularizer):
             raise TypeError(f"regularizer must be callable, got {type(regularizer).__name__}")
         self._defaults = (initializer, regularizer, None if dtype is None else _as_dtype(dtype))
@@ -668,8 +672,9 @@ def model_variable(name, shape=None, dtype=np.float32, initializer=None, regular
     `device` is accepted and has no effect (the value is a host array); the
     other arguments beyond `get_variable`'s as there.
     """
-    _refuse_unsupported("model_variable", caching_device=caching_device,
-                        partitioner=partitioner, custom_getter=custom_getter)
+    if not caching_device is partitioner is custom_getter is None:
+        _refuse_unsupported("model_variable", caching_device=caching_device,
+                            partitioner=partitioner, custom_getter=custom_getter)
     return _get_variable(name, shape, dtype, initializer, regularizer, trainable, collections,
                          True)
 
