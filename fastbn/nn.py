@@ -532,6 +532,8 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
 def activation_kind(activation):
     """The name (in fastbn.backends.ACTIVATIONS) of `activation` where it is one of
     fastbn's activations (relu, relu6, sigmoid, tanh, elu), else None."""
+    if activation is None:
+        return None  # (asked twice on every batch_norm call, mostly of None)
     return next((kind for kind, fn in _ACTIVATIONS.items() if fn is activation), None)
 
 
