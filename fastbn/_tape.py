@@ -203,7 +203,7 @@ class GradientTape:
           target: an array returned by a batch_norm call recorded on this tape
             (or a list of them).
           sources: an array given to a recorded call, a `fastbn.Variable`, or a
-            (nested) list or tuple of them.
+            (nested) list, tuple or dict of them, as TF's nests.
           output_gradients: the gradient with respect to `target` (a list for a
             list of targets); ones by default.
           unconnected_gradients: 'none' (default: None for a source the target
@@ -310,4 +310,6 @@ def _lookup(grads, source, zero):
 def _map_sources(sources, fn):
     if isinstance(sources, (list, tuple)):
         return type(sources)(_map_sources(s, fn) for s in sources)
+    if isinstance(sources, dict):
+        return {key: _map_sources(s, fn) for key, s in sources.items()}
     return fn(sources)

@@ -212,6 +212,21 @@ def test_watched_variables_and_stop_recording():
     assert tape.watched_variables() == ()
 
 
+def test_sources_in_a_dict():
+    x = np.random.default_rng(12).standard_normal((6, 3)).astype(np.float32)
+    dy = np.random.default_rng(13).standard_normal((6, 3)).astype(np.float32)
+    with fb.GradientTape(persistent=True) as tape:
+        y = fb.batch_norm(x, scale=True, scope="bn")
+    beta, gamma = fb.trainable_variables()
+    assert (beta.name, gamma.name) == ("bn/beta:0", "bn/gamma:0")
+    got = tape.gradient(y, {"x": x, "params": (beta, [gamma])}, output_gradients=dy)
+    dx, dbeta, dgamma = tape.gradient(y, [x, beta, gamma], output_gradients=dy)
+    assert set(got) == {"x", "params"} and isinstance(got["params"], tuple)
+    np.testing.assert_array_equal(got["x"], dx)
+    np.testing.assert_array_equal(got["params"][0], dbeta)
+    np.testing.assert_array_equal(got["params"][1][0], dgamma)
+
+
 def test_big_endian_sources_get_native_gradients():
     x = np.random.default_rng(10).standard_normal((5, 2)).astype(np.float32)
     big = x.astype(">f4")
