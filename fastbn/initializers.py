@@ -109,6 +109,8 @@ class constant_initializer:
 class random_normal_initializer:
     """Normal values, like TF1's `tf.random_normal_initializer`."""
 
+    _truncated = False
+
     def __init__(self, mean=0.0, stddev=1.0, seed=None, dtype=np.float32):
         self.mean, self.stddev, self.seed = mean, stddev, seed
         self.dtype = _float_dtype(dtype)
@@ -116,17 +118,15 @@ class random_normal_initializer:
     def __call__(self, shape, dtype=None, partition_info=None):
         dtype = _float_dtype(_dtype(dtype, self.dtype))
         rng = np.random.default_rng(self.seed)
-        return _normal(rng, _shape(shape), self.mean, self.stddev, False).astype(dtype)
+        values = _normal(rng, _shape(shape), self.mean, self.stddev, self._truncated)
+        return values.astype(dtype)
 
 
 class truncated_normal_initializer(random_normal_initializer):
     """Normal values within two standard deviations of the mean (others drawn again),
     like TF1's `tf.truncated_normal_initializer`."""
 
-    def __call__(self, shape, dtype=None, partition_info=None):
-        dtype = _float_dtype(_dtype(dtype, self.dtype))
-        rng = np.random.default_rng(self.seed)
-        return _normal(rng, _shape(shape), self.mean, self.stddev, True).astype(dtype)
+    _truncated = True
 
 
 class random_uniform_initializer:
