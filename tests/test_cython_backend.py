@@ -687,6 +687,57 @@ def test_gil_is_released_while_kernels_run():
     assert count > 10000
 
 
+# Every way the kernels cut threaded work, above the serial threshold: rows of two channel
+# tiles, of tiles of normalization (wider than 1024), of few channels (the elementwise pass
+# in stretches across rows), NCHW runs of 49 values, runs cut into chunks, and channels
+# small enough to be normalized one at a time right after their statistics.
+THREADED_GEOMETRIES = [((300, 257), "NHWC"), ((70, 1100), "NHWC"), ((20000, 7), "NHWC"),
+                       ((64, 30, 7, 7), "NCHW"), ((2, 3, 40000), "NCHW"),
+                       ((8, 16, 32, 32), "NCHW")]
+
+
+def _strided(a):
+    """a's values, every other row of a larger array."""
+    return np.repeat(a, 2, axis=0)[::2]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("shape, data_format", THREADED_GEOMETRIES)
+def test_threaded_results_are_the_references(monkeypatch, dtype, shape, data_format):
+    """The forward (with ReLU, and with given statistics) and the gradient (training and
+    not) of data laid out contiguously or with strides, on two threads: the values of the
+    NumPy reference."""
+    monkeypatch.setenv("FASTBN_NUM_THREADS", "2")
+    axis = 1 if data_format == "NCHW" else len(shape) - 1
+    channels = shape[axis]
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal(shape) * 3 + 10).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    scale, offset = rng.random(channels) + 0.5, rng.standard_normal(channels)
+    mean, variance = nn.moments(x.astype(np.float64), [a for a in range(len(shape)) if a != axis])
+    tolerance = 2e-2 if dtype == np.float16 else 2e-5
+
+    def results(x, dy):
+        out = np.empty(shape, dtype)
+        results = list(nn.fused_batch_norm(x, scale, offset, data_format=data_format,
+                                           activation=nn.relu, out=out))
+        results.append(nn.fused_batch_norm(x, scale, offset, mean + 0.5, variance * 2,
+                                           is_training=False, data_format=data_format)[0])
+        for training in (True, False):
+            results += nn.fused_batch_norm_grad(dy, x, scale, mean, variance,
+                                                data_format=data_format, is_training=training)
+        return results
+
+    with fastbn.backends.use("cython"):
+        got = results(x, dy) + results(_strided(x), _strided(dy))
+    with fastbn.backends.use("numpy"):
+        want = results(x, dy)
+    for g, w in zip(got, want + want):
+        w = np.asarray(w, np.float64)
+        np.testing.assert_allclose(g, w, rtol=tolerance,
+                                   atol=tolerance * max(1.0, np.abs(w).max()))
+
+
 @pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_short_runs_of_every_length(kernels, dtype):
