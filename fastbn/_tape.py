@@ -152,14 +152,14 @@ class GradientTape:
         return False
 
     def watch(self, tensor):
-        """Watches the `fastbn.Variable`s in `tensor` (one, or a nested list): they are
-        among `watched_variables()`.  Arrays need no watching: recorded calls are
-        watched already."""
-        for item in tensor if isinstance(tensor, (list, tuple)) else [tensor]:
-            if isinstance(item, (list, tuple)):
-                self.watch(item)
-            elif isinstance(item, Variable) and item not in self._watched:
-                self._watched.append(item)
+        """Watches the `fastbn.Variable`s in `tensor` (one, or a nest of lists, tuples and
+        dicts, as `gradient`'s sources): they are among `watched_variables()`.  Arrays
+        need no watching: recorded calls are watched already."""
+        _map_sources(tensor, self._watch_one)
+
+    def _watch_one(self, item):
+        if isinstance(item, Variable) and item not in self._watched:
+            self._watched.append(item)
 
     def watched_variables(self):
         """The variables this tape watches, in the order they were created, as TF's: those

@@ -196,11 +196,14 @@ def test_watched_variables_and_stop_recording():
             fb.batch_norm(y, scale=True, scope="ignored")
         fb.batch_norm(y, center=False, trainable=False, scope="frozen")
         moving_mean = fb.get_variables_by_name("moving_mean")[0]
+        moving_variance = fb.get_variables_by_name("moving_variance")[0]
         tape.watch([moving_mean])
+        # (A nest with a dict, as gradient's sources and TF's watch take.)
+        tape.watch({"statistics": (moving_variance,)})
     # TF's: the watched variables in the order they were created -- beta before gamma,
     # as slim creates them -- and the trainable ones only, of what was recorded.
     assert [v.name for v in tape.watched_variables()] == [
-        "bn/beta:0", "bn/gamma:0", "bn/moving_mean:0"]
+        "bn/beta:0", "bn/gamma:0", "bn/moving_mean:0", "bn/moving_variance:0"]
     with pytest.raises(RuntimeError, match="not recording"):
         with tape.stop_recording():
             pass
