@@ -35,17 +35,23 @@ cdef extern from *:
     static int fastbn_have_openmp(void) { return 1; }
     static int fastbn_thread_num(void) { return omp_get_thread_num(); }
     static int fastbn_team_size(void) { return omp_get_num_threads(); }
+    /* Binds to the enclosing parallel block (a team of one outside any). */
+    static void fastbn_barrier(void) {
+        #pragma omp barrier
+    }
     #else
     static int fastbn_omp_max_threads(void) { return 1; }
     static int fastbn_have_openmp(void) { return 0; }
     static int fastbn_thread_num(void) { return 0; }
     static int fastbn_team_size(void) { return 1; }
+    static void fastbn_barrier(void) {}
     #endif
     """
     int fastbn_omp_max_threads() noexcept nogil
     int fastbn_have_openmp() noexcept nogil
     int fastbn_thread_num() noexcept nogil
     int fastbn_team_size() noexcept nogil
+    void fastbn_barrier() noexcept nogil
 
 cdef extern from *:
     """
@@ -590,6 +596,13 @@ cdef inline Block _runs_of(Geometry* g, Py_ssize_t c, Py_ssize_t blk) noexcept n
     return k
 
 
+cdef inline Py_ssize_t _n_blocks(Geometry* g) noexcept nogil:
+    """How many statistics blocks there are (see _block)."""
+    if g.M == 1:
+        return g.n_row_tiles * g.n_channel_tiles
+    return g.C * g.blocks_per_channel
+
+
 cdef inline Block _block(Geometry* g, Py_ssize_t b) noexcept nogil:
     """Where statistics block b lies: a row tile x channel tile (rows layout), or one of a
     channel's blocks (runs layout)."""
@@ -1084,12 +1097,8 @@ cdef void _stats(const floating* x, Geometry* g, const floating* wt,
                  const unsigned short* halves=NULL) noexcept nogil:
     """Per-channel mean and variance of x, or of float16 data `halves` (x NULL, no
     weights), block by block, then merged."""
-    cdef Py_ssize_t nblocks, b
+    cdef Py_ssize_t nblocks = _n_blocks(g), b
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    if g.M == 1:
-        nblocks = g.n_row_tiles * g.n_channel_tiles
-    else:
-        nblocks = g.C * g.blocks_per_channel
     if nt == 1:
         for b in range(nblocks):
             _stats_item(x, g, wt, ws_n, ws_c, ws_m, count, mean, m2, b, halves)
@@ -1260,16 +1269,14 @@ cdef inline void _wrapped(floating* ext, const floating* p, Py_ssize_t C,
         n += piece
 
 
-cdef floating* _wrapped_parameters(const floating* m, const floating* k, const floating* b,
-                                  const floating* a, Py_ssize_t C, Py_ssize_t wrap,
-                                  const floating* phase, void** block) noexcept nogil:
-    """m, k, b (and a, where given) one after another, each extended by wrapping to
-    C + wrap elements, for _affine_stretch; NULL where they cannot be allocated.
+cdef floating* _wrapped_room(Py_ssize_t width, const floating* phase,
+                             void** block) noexcept nogil:
+    """Room for four parameter vectors of `width` elements one after another, for
+    _affine_stretch; NULL where it cannot be allocated.
 
     They start at the same offset within a vector as `phase` (the input): where C is
     a multiple of the vector, p + c is then aligned wherever x + e is.  `block`
     receives the allocation to free."""
-    cdef Py_ssize_t width = C + wrap
     cdef char* raw = <char*>malloc(4 * width * sizeof(floating) + VECTOR_BYTES)
     cdef size_t shift
     if raw == NULL:
@@ -1278,7 +1285,18 @@ cdef floating* _wrapped_parameters(const floating* m, const floating* k, const f
     shift = (<size_t>phase - <size_t>raw) % VECTOR_BYTES
     if shift % sizeof(floating) != 0:
         shift = 0
-    cdef floating* ext = <floating*>(raw + shift)
+    return <floating*>(raw + shift)
+
+
+cdef floating* _wrapped_parameters(const floating* m, const floating* k, const floating* b,
+                                  const floating* a, Py_ssize_t C, Py_ssize_t wrap,
+                                  const floating* phase, void** block) noexcept nogil:
+    """m, k, b (and a, where given) one after another, each extended by wrapping to
+    C + wrap elements, in _wrapped_room; NULL where it cannot be allocated."""
+    cdef Py_ssize_t width = C + wrap
+    cdef floating* ext = _wrapped_room(width, phase, block)
+    if ext == NULL:
+        return NULL
     _wrapped(ext, m, C, width)
     _wrapped(ext + width, k, C, width)
     _wrapped(ext + 2 * width, b, C, width)
@@ -1440,41 +1458,60 @@ cdef void _affine(const floating* x, const floating* dy, floating* y, Geometry* 
     read the same share forwards, so its last lines are the ones still in the core's
     cache, and the ones this pass reads last are the next call's first.
     """
-    cdef Py_ssize_t C = g.C, M = g.M, N = g.N, n_items, item, lo, wrap = 0
-    cdef int nt = _threads(N * C * M, n_threads)
+    cdef Py_ssize_t n_items, wrap = _wrap(g, wt)
+    cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     cdef floating* ext = NULL
     cdef void* ext_block = NULL
-    if M == 1 and C <= NORM_TILE and wt == NULL:
-        wrap = N * C if N * C < WRAP else WRAP
-        ext = _wrapped_parameters(m, k, b, a, C, wrap, x, &ext_block)
-    if ext != NULL:
-        n_items = (N * C + STRETCH - 1) // STRETCH
-    elif M == 1 and C > NORM_TILE:
-        n_items = _norm_tiles(g)
-    elif M == 1:
-        n_items = N
-    else:
-        n_items = (N * C + _runs_per_item(M) - 1) // _runs_per_item(M)
+    if wrap:
+        ext = _wrapped_parameters(m, k, b, a, g.C, wrap, x, &ext_block)
+    n_items = _affine_items(g, ext != NULL)
     if nt == 1:
         # An OpenMP region costs about a microsecond even on one thread: small calls skip it.
-        item = n_items - 1
-        while item >= 0:
-            _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap, item,
-                         xh, dyh, yh, after, wide)
-            item = item - 1
-        if stream:
-            fastbn_stream_fence()
+        _affine_share(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap, n_items,
+                      xh, dyh, yh, after, wide)
     else:
         with parallel(num_threads=nt):
-            lo = _share_end(n_items, 0)
-            item = _share_end(n_items, 1) - 1
-            while item >= lo:
-                _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap,
-                             item, xh, dyh, yh, after, wide)
-                item = item - 1
-            if stream:
-                fastbn_stream_fence()
+            _affine_share(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap,
+                          n_items, xh, dyh, yh, after, wide)
     free(ext_block)
+
+
+cdef inline Py_ssize_t _wrap(Geometry* g, const floating* wt) noexcept nogil:
+    """How far _affine extends the parameters by wrapping (0: it does not), for rows of
+    at most NORM_TILE channels without weights, which it takes in stretches."""
+    if g.M == 1 and g.C <= NORM_TILE and wt == NULL:
+        return g.N * g.C if g.N * g.C < WRAP else WRAP
+    return 0
+
+
+cdef inline Py_ssize_t _affine_items(Geometry* g, bint wrapped) noexcept nogil:
+    """How many work items _affine_item cuts (N, C, M) into (`wrapped`: it has the
+    wrapped parameters)."""
+    if wrapped:
+        return (g.N * g.C + STRETCH - 1) // STRETCH
+    if g.M == 1 and g.C > NORM_TILE:
+        return _norm_tiles(g)
+    if g.M == 1:
+        return g.N
+    return (g.N * g.C + _runs_per_item(g.M) - 1) // _runs_per_item(g.M)
+
+
+cdef void _affine_share(const floating* x, const floating* dy, floating* y, Geometry* g,
+                        const floating* m, const floating* k, const floating* b,
+                        const floating* a, const floating* wt, Py_ssize_t ws_n,
+                        Py_ssize_t ws_m, bint relu, bint stream, const floating* ext,
+                        Py_ssize_t wrap, Py_ssize_t n_items, const unsigned short* xh,
+                        const unsigned short* dyh, unsigned short* yh, int after,
+                        bint wide) noexcept nogil:
+    """The calling thread's share of _affine's n_items items (all of them outside a
+    parallel block), last first."""
+    cdef Py_ssize_t lo = _share_end(n_items, 0), item = _share_end(n_items, 1) - 1
+    while item >= lo:
+        _affine_item(x, dy, y, g, m, k, b, a, wt, ws_n, ws_m, relu, stream, ext, wrap, item,
+                     xh, dyh, yh, after, wide)
+        item = item - 1
+    if stream:
+        fastbn_stream_fence()
 
 
 # ---------------------------------------------------------------------------
@@ -1717,31 +1754,38 @@ cdef void _grad_sums(const floating* x, const floating* dy, Geometry* g, const d
                      const unsigned short* dy_halves=NULL) noexcept nogil:
     """Per-channel sum(dy) and sum(dy * (x - mean)): block partials, summed in block order.
     float16 data as x_halves and dy_halves (x and dy NULL)."""
-    cdef Py_ssize_t C = g.C, nblocks, b, c, b0, b1
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
-    if g.M == 1:
-        nblocks = g.n_row_tiles * g.n_channel_tiles
-        if nt == 1:
-            _grad_rows_blocks(x, dy, g, mean, part1, part2, 0, nblocks, x_halves, dy_halves)
-        else:
-            with parallel(num_threads=nt):
-                b0 = _share_end(nblocks, 0)
-                b1 = _share_end(nblocks, 1)
-                _grad_rows_blocks(x, dy, g, mean, part1, part2, b0, b1, x_halves,
-                                  dy_halves)
+    if nt == 1:
+        _grad_share(x, dy, g, mean, part1, part2, x_halves, dy_halves)
     else:
-        nblocks = C * g.blocks_per_channel
-        if nt == 1:
-            for b in range(nblocks):
-                _grad_runs_item(x, dy, g, mean, part1, part2, b, x_halves, dy_halves)
-        else:
-            for b in prange(nblocks, schedule="static", num_threads=nt):
-                _grad_runs_item(x, dy, g, mean, part1, part2, b, x_halves, dy_halves)
-    for c in range(C):
+        with parallel(num_threads=nt):
+            _grad_share(x, dy, g, mean, part1, part2, x_halves, dy_halves)
+    _grad_merge(g, part1, part2, out1, out2, 0, g.C)
+
+
+cdef void _grad_share(const floating* x, const floating* dy, Geometry* g, const double* mean,
+                      double* part1, double* part2, const unsigned short* x_halves,
+                      const unsigned short* dy_halves) noexcept nogil:
+    """The calling thread's contiguous share of the gradient sums' blocks (all of them
+    outside a parallel block), into part1/part2 at their slots."""
+    cdef Py_ssize_t nblocks = _n_blocks(g), b
+    cdef Py_ssize_t b0 = _share_end(nblocks, 0), b1 = _share_end(nblocks, 1)
+    if g.M == 1:
+        _grad_rows_blocks(x, dy, g, mean, part1, part2, b0, b1, x_halves, dy_halves)
+    else:
+        for b in range(b0, b1):
+            _grad_runs_item(x, dy, g, mean, part1, part2, b, x_halves, dy_halves)
+
+
+cdef void _grad_merge(Geometry* g, const double* part1, const double* part2, double* out1,
+                      double* out2, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """out1, out2 for channels lo..hi: their blocks' partials summed in block order."""
+    cdef Py_ssize_t C = g.C, b, c
+    for c in range(lo, hi):
         out1[c] = part1[c]
         out2[c] = part2[c]
     for b in range(1, g.blocks_per_channel):
-        for c in range(C):
+        for c in range(lo, hi):
             out1[c] += part1[b * C + c]
             out2[c] += part2[b * C + c]
 
@@ -2455,7 +2499,7 @@ cdef void _backward_channelwise(const floating* x, const floating* dy, floating*
             fastbn_stream_fence()
 
 
-cdef void _backward(floating* tag, const floating* x, const floating* dy, floating* dx,
+cdef void _backward(floating* coefficients, const floating* x, const floating* dy, floating* dx,
                     Geometry* g, const double* mean, const double* variance,
                     const double* scale, double epsilon, bint training, const floating* wt,
                     Py_ssize_t ws_n, Py_ssize_t ws_m, double total, bint stream,
@@ -2464,7 +2508,8 @@ cdef void _backward(floating* tag, const floating* x, const floating* dy, floati
                     unsigned short* dx_halves=NULL) noexcept nogil:
     """The gradient sums, then dx; of float16 data x_halves, dy_halves, dx_halves where
     given (x, dy and dx NULL, floating float, F16C builds, no weights, not streamed):
-    the float32 kernels' bits on the same values, dx rounded once."""
+    the float32 kernels' bits on the same values, dx rounded once.  `coefficients`: room
+    for 4 * C values (its type picks the kernels)."""
     cdef Py_ssize_t C = g.C, size = g.blocks_per_channel * C
     cdef int nt = _threads(g.N * g.C * g.M, n_threads)
     cdef bint halves = x_halves != NULL
@@ -2477,23 +2522,77 @@ cdef void _backward(floating* tag, const floating* x, const floating* dy, floati
                               ws_m, total, stream, nt, sum_dy, sum_dy_xhat, x_halves,
                               dy_halves, dx_halves)
         return
-    _grad_sums(x, dy, g, mean, n_threads, work, work + size, sum_dy, sum_dy_xhat, x_halves,
-               dy_halves)
-    # Coefficients in the data type, reusing the start of the workspace.
-    cdef floating* mv = <floating*>work
-    _grad_coefficients(C, mean, variance, scale, epsilon, training, total, sum_dy,
+    # The sums, their merge with the coefficients, and dx in one parallel block: the
+    # merge and the coefficients (a square root and three divisions a channel: 14 us of
+    # 4096 channels on one thread) are shared out by channel instead of run on one
+    # thread while the others wait, and one block costs one start instead of two.
+    cdef Py_ssize_t wrap = _wrap(g, wt)
+    cdef floating* ext = NULL
+    cdef void* ext_block = NULL
+    if wrap:
+        ext = _wrapped_room(C + wrap, x, &ext_block)
+        if ext == NULL:
+            wrap = 0
+    cdef Py_ssize_t n_items = _affine_items(g, ext != NULL)
+    if nt == 1:
+        _backward_share(x, dy, dx, g, mean, variance, scale, epsilon, training, wt, ws_n, ws_m,
+                        total, stream, work, work + size, sum_dy, sum_dy_xhat, coefficients,
+                        ext, wrap, n_items, x_halves, dy_halves, dx_halves)
+    else:
+        with parallel(num_threads=nt):
+            _backward_share(x, dy, dx, g, mean, variance, scale, epsilon, training, wt, ws_n,
+                            ws_m, total, stream, work, work + size, sum_dy, sum_dy_xhat,
+                            coefficients, ext, wrap, n_items, x_halves, dy_halves,
+                            dx_halves)
+    free(ext_block)
+
+
+cdef void _backward_share(const floating* x, const floating* dy, floating* dx, Geometry* g,
+                          const double* mean, const double* variance, const double* scale,
+                          double epsilon, bint training, const floating* wt, Py_ssize_t ws_n,
+                          Py_ssize_t ws_m, double total, bint stream, double* part1,
+                          double* part2, double* sum_dy, double* sum_dy_xhat,
+                          floating* mv, floating* ext, Py_ssize_t wrap, Py_ssize_t n_items,
+                          const unsigned short* x_halves, const unsigned short* dy_halves,
+                          unsigned short* dx_halves) noexcept nogil:
+    """The calling thread's part of _backward's blocks (all of it outside a parallel
+    block): its share of the sums' blocks; then of the channels, merged and made into
+    the coefficients mv (mean, a, b, c: 4 * C values) and, where `ext` is given, into
+    their wrapped copies; then of the items of dx."""
+    cdef Py_ssize_t C = g.C, lo, hi, width = C + wrap, v
+    cdef const floating* wrapped_from[4]
+    _grad_share(x, dy, g, mean, part1, part2, x_halves, dy_halves)
+    fastbn_barrier()
+    lo = _share_end(C, 0)
+    hi = _share_end(C, 1)
+    _grad_merge(g, part1, part2, sum_dy, sum_dy_xhat, lo, hi)
+    _grad_coefficients(lo, hi, C, mean, variance, scale, epsilon, training, total, sum_dy,
                        sum_dy_xhat, mv)
-    _affine(x, dy, dx, g, mv, mv + 2 * C, mv + 3 * C, mv + C, wt, ws_n, ws_m, False, stream,
-            n_threads, x_halves, dy_halves, dx_halves)
+    if ext != NULL:
+        # In _affine's order of its parameters: mean, then the factors of x - mean and
+        # of 1, then of dy.
+        wrapped_from[0] = mv
+        wrapped_from[1] = mv + 2 * C
+        wrapped_from[2] = mv + 3 * C
+        wrapped_from[3] = mv + C
+        fastbn_barrier()
+        v = fastbn_thread_num()
+        while v < 4:
+            _wrapped(ext + v * width, wrapped_from[v], C, width)
+            v += fastbn_team_size()
+    fastbn_barrier()
+    _affine_share(x, dy, dx, g, mv, mv + 2 * C, mv + 3 * C, mv + C, wt, ws_n, ws_m, False,
+                  stream, ext, wrap, n_items, x_halves, dy_halves, dx_halves, -1, False)
 
 
-cdef void _grad_coefficients(Py_ssize_t C, const double* mean, const double* variance,
-                             const double* scale, double epsilon, bint training, double total,
-                             const double* sum_dy, double* sum_dy_xhat,
-                             floating* mv) noexcept nogil:
-    """The coefficients of dx = a * dy + w * (b * (x - mean) + c), in the data type: mean,
-    a, b and c one after another from mv; sum_dy_xhat (the sum of dy * (x - mean)) is
-    scaled to the sum of dy * x_hat on the way."""
+cdef void _grad_coefficients(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t C, const double* mean,
+                             const double* variance, const double* scale, double epsilon,
+                             bint training, double total, const double* sum_dy,
+                             double* sum_dy_xhat, floating* mv) noexcept nogil:
+    """The coefficients of dx = a * dy + w * (b * (x - mean) + c) of channels lo..hi, in
+    the data type: mean, a, b and c, C values each, one after another from mv;
+    sum_dy_xhat (the sum of dy * (x - mean)) is scaled to the sum of dy * x_hat on the
+    way."""
     cdef Py_ssize_t c0, w, j
     cdef double inv[CHANNEL_TILE]
     cdef double k[CHANNEL_TILE]
@@ -2502,9 +2601,9 @@ cdef void _grad_coefficients(Py_ssize_t C, const double* mean, const double* var
     cdef floating* cv = bv + C
     # A tile of channels at a time, one output per loop: loops the compiler can see
     # alias nothing, so they vectorise (thousands of channels cost microseconds each).
-    c0 = 0
-    while c0 < C:
-        w = C - c0 if C - c0 < CHANNEL_TILE else CHANNEL_TILE
+    c0 = lo
+    while c0 < hi:
+        w = hi - c0 if hi - c0 < CHANNEL_TILE else CHANNEL_TILE
         for j in range(w):
             inv[j] = 1.0 / sqrt(variance[c0 + j] + epsilon)
         for j in range(w):
@@ -2576,24 +2675,25 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     cdef void* op = cnp.PyArray_DATA(out)
     cdef double* s1 = <double*>cnp.PyArray_DATA(sum_dy)
     cdef double* s2 = <double*>cnp.PyArray_DATA(sum_dy_xhat)
-    # The vectors as doubles after the workspace's blocks (see _workspace).
-    cdef double* work = _workspace(&g, 3)
+    # The vectors as doubles after the workspace's blocks (see _workspace), then room for
+    # the coefficients of dx (4 * C values of the compute dtype).
+    cdef double* work = _workspace(&g, 7)
     cdef double* room = work + (3 * g.blocks_per_channel + 1) * C
     cdef const double* mp = _doubles(mean, room)
     cdef const double* vp = _doubles(variance, room + C)
     cdef const double* sp = _doubles(scale, room + 2 * C)
     with nogil:
         if half:
-            _backward(<float*>NULL, <const float*>NULL, <const float*>NULL, <float*>NULL, &g,
-                      mp, vp, sp, epsilon, training, <const float*>NULL, 0, 0, total, False,
-                      n_threads, work, s1, s2, <const unsigned short*>xp,
+            _backward(<float*>(room + 3 * C), <const float*>NULL, <const float*>NULL,
+                      <float*>NULL, &g, mp, vp, sp, epsilon, training, <const float*>NULL, 0,
+                      0, total, False, n_threads, work, s1, s2, <const unsigned short*>xp,
                       <const unsigned short*>gp, <unsigned short*>op)
         elif f32:
-            _backward(<float*>NULL, <const float*>xp, <const float*>gp, <float*>op, &g, mp, vp,
-                      sp, epsilon, training, <const float*>wt, ws_n, ws_m, total, stream,
-                      n_threads, work, s1, s2)
+            _backward(<float*>(room + 3 * C), <const float*>xp, <const float*>gp, <float*>op, &g,
+                      mp, vp, sp, epsilon, training, <const float*>wt, ws_n, ws_m, total,
+                      stream, n_threads, work, s1, s2)
         else:
-            _backward(<double*>NULL, <const double*>xp, <const double*>gp, <double*>op, &g, mp,
+            _backward(room + 3 * C, <const double*>xp, <const double*>gp, <double*>op, &g, mp,
                       vp, sp, epsilon, training, <const double*>wt, ws_n, ws_m, total,
                       stream, n_threads, work, s1, s2)
     free(work)
