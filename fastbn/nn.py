@@ -134,10 +134,10 @@ def as_numeric_array(value, argument):
     return array
 
 
-def _is_channel_vector(value, channels, dtype):
-    """Whether `value` is already a contiguous 1-D ndarray of `channels` in `dtype`."""
-    return (type(value) is np.ndarray and value.dtype == dtype and value.shape == (channels,)
-            and value.flags.c_contiguous)
+def _is_channel_vector(value, channels, *dtypes):
+    """Whether `value` is already a contiguous 1-D ndarray of `channels` in one of `dtypes`."""
+    return (type(value) is np.ndarray and value.dtype in dtypes
+            and value.shape == (channels,) and value.flags.c_contiguous)
 
 
 def as_channel_vector(value, channels, dtype, argument):
@@ -728,7 +728,7 @@ def _backward_vector(value, channels, ct):
     """A per-channel value (a vector, or a scalar for all channels) as a backend's
     backward takes it: a contiguous vector in float64, or in the compute dtype `ct`
     where it is one already."""
-    if _is_channel_vector(value, channels, _F64) or _is_channel_vector(value, channels, ct):
+    if _is_channel_vector(value, channels, ct, _F64):
         return value
     return np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float64), (channels,)))
 

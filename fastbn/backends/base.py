@@ -243,8 +243,8 @@ class Backend:
 
         With `training`, mean and variance are the batch's (weighted by `weights`
         per position when given) and the gradient flows through them; otherwise
-        they are constants.  mean, variance and scale are vectors in the compute
-        dtype or in float64; the arithmetic on them is float64.
+        they are constants.  mean, variance and scale are C-contiguous vectors in the
+        compute dtype or in float64; the arithmetic on them is float64.
         Returns `(dx, sum_dy, sum_dy_xhat)`: dx in dy's dtype, the sums float64.
         """
         mean, variance, scale = (np.asarray(v, np.float64) for v in (mean, variance, scale))

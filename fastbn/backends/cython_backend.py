@@ -281,13 +281,6 @@ class CythonBackend(Backend):
         xk = self._input(x)
         return xk, xk.dtype, self._output(x, xk, out)
 
-    @staticmethod
-    def _vector(v, ct):
-        """A per-channel vector as the kernels take it: float64 as it is, else in `ct`."""
-        if v.dtype == np.float64 and v.flags.c_contiguous:
-            return v
-        return np.ascontiguousarray(v, ct)
-
     def _stream(self, y, *inputs):
         """Whether to write y with non-temporal stores: it is too large to stay cached,
         and not written over one of the `inputs` (in place, its lines are in the cache,
@@ -421,18 +414,17 @@ class CythonBackend(Backend):
                  out=None):
         if weights is None and self._reads_halves(x, dy):
             # Read and written as float16 by the kernel itself: no float32 copies.
-            xk, dk, w, ct = x, dy, None, _F32
+            xk, dk, w = x, dy, None
             y = self._half_output(x, out)
         else:
             xk = self._input(x)
             dk = self._input(dy)
             y = self._output(dy, dk, out)
             w = position_weights(weights, dk)
-            ct = dk.dtype
-        vector = self._vector
+        # mean, variance and scale as Backend.backward has them are what the kernel takes.
         sum_dy, sum_dy_xhat = self._run(
-            self._k.backward, dk.size, xk, dk, y, vector(mean, ct), vector(variance, ct),
-            vector(scale, ct), float(epsilon), bool(training), w, self._stream(y, xk, dk))
+            self._k.backward, dk.size, xk, dk, y, mean, variance, scale, float(epsilon),
+            bool(training), w, self._stream(y, xk, dk))
         return self._finish(dy, y, out), sum_dy, sum_dy_xhat
 
 
