@@ -1295,14 +1295,22 @@ cdef floating* _wrapped_parameters(const floating* m, const floating* k, const f
     C + wrap elements, in _wrapped_room; NULL where it cannot be allocated."""
     cdef Py_ssize_t width = C + wrap
     cdef floating* ext = _wrapped_room(width, phase, block)
+    cdef int v
     if ext == NULL:
         return NULL
-    _wrapped(ext, m, C, width)
-    _wrapped(ext + width, k, C, width)
-    _wrapped(ext + 2 * width, b, C, width)
-    if a != NULL:
-        _wrapped(ext + 3 * width, a, C, width)
+    for v in range(4):
+        _wrapped_parameter(ext, width, v, m, k, b, a, C)
     return ext
+
+
+cdef inline void _wrapped_parameter(floating* ext, Py_ssize_t width, int v, const floating* m,
+                                    const floating* k, const floating* b, const floating* a,
+                                    Py_ssize_t C) noexcept nogil:
+    """The v-th of m, k, b, a (0-3) wrapped into its place in _wrapped_room's `ext`
+    (nothing for a NULL one)."""
+    cdef const floating* p = m if v == 0 else k if v == 1 else b if v == 2 else a
+    if p != NULL:
+        _wrapped(ext + v * width, p, C, width)
 
 
 cdef inline Py_ssize_t _norm_tiles(Geometry* g) noexcept nogil:
@@ -2559,8 +2567,8 @@ cdef void _backward_share(const floating* x, const floating* dy, floating* dx, G
     block): its share of the sums' blocks; then of the channels, merged and made into
     the coefficients mv (mean, a, b, c: 4 * C values) and, where `ext` is given, into
     their wrapped copies; then of the items of dx."""
-    cdef Py_ssize_t C = g.C, lo, hi, width = C + wrap, v
-    cdef const floating* wrapped_from[4]
+    cdef Py_ssize_t C = g.C, lo, hi
+    cdef int v
     _grad_share(x, dy, g, mean, part1, part2, x_halves, dy_halves)
     fastbn_barrier()
     lo = _share_end(C, 0)
@@ -2569,16 +2577,10 @@ cdef void _backward_share(const floating* x, const floating* dy, floating* dx, G
     _grad_coefficients(lo, hi, C, mean, variance, scale, epsilon, training, total, sum_dy,
                        sum_dy_xhat, mv)
     if ext != NULL:
-        # In _affine's order of its parameters: mean, then the factors of x - mean and
-        # of 1, then of dy.
-        wrapped_from[0] = mv
-        wrapped_from[1] = mv + 2 * C
-        wrapped_from[2] = mv + 3 * C
-        wrapped_from[3] = mv + C
         fastbn_barrier()
         v = fastbn_thread_num()
         while v < 4:
-            _wrapped(ext + v * width, wrapped_from[v], C, width)
+            _wrapped_parameter(ext, C + wrap, v, mv, mv + 2 * C, mv + 3 * C, mv + C, C)
             v += fastbn_team_size()
     fastbn_barrier()
     _affine_share(x, dy, dx, g, mv, mv + 2 * C, mv + 3 * C, mv + C, wt, ws_n, ws_m, False,
