@@ -10,6 +10,7 @@ FASTBN_PTX_REQUIRED=1); skipped where they are missing and under the simulator.
 """
 
 import os
+import re
 import types
 
 import pytest
@@ -83,3 +84,24 @@ def test_kernel_compiles_to_ptx(compile_ptx, name, dtype):
     signature = _signatures(dtype)[name]
     ptx = compile_ptx(backend.KERNELS[name].py_func, signature)
     assert f".target sm_{CC[0]}{CC[1]}" in ptx and ".entry" in ptx
+
+
+# The activation kernels promise float64 arithmetic rounded once.  On a device Numba's
+# float() of a float32 or float16 value stays in that type (the simulator gives a Python
+# float), which once made tanh's gradient 1 - y*y lose its low bits on an H200.
+
+@pytest.mark.parametrize("dtype", [t.float16, t.float32], ids=str)
+def test_activation_gradient_computes_in_float64(compile_ptx, dtype):
+    ptx = compile_ptx(backend.KERNELS["activation_grad"].py_func,
+                      _signatures(dtype)["activation_grad"])
+    narrow = re.findall(r"^\s*((?:add|sub|mul|div|fma|rcp)\.[a-z.]*f(?:16|32))\b", ptx, re.M)
+    assert not narrow, narrow
+
+
+def test_activations_are_computed_from_float64(compile_ptx):
+    # (their PTX has float32 steps of libdevice's float64 exp, so the types are checked)
+    for dtype in (t.float16, t.float32):
+        for name in ("activation", "normalize_rows", "normalize_flat"):
+            compile_ptx(backend.KERNELS[name].py_func, _signatures(dtype)[name])
+    argument_types = {signature[0] for signature in backend._activation_value.overloads}
+    assert argument_types == {F64}

@@ -93,6 +93,10 @@ except ImportError:  # the backend then says so (BackendUnavailable)
 FEW_BLOCKS = 128
 
 float64 = np.float64
+# A value as float64 for the activations' arithmetic.  On a device Numba's float() keeps
+# a float32 or float16 in its type; under the simulator a NumPy float64 would warn of
+# inf * 0 where a Python float does not.
+wide = float if _simulated() else np.float64
 
 
 def _jit(fn):
@@ -353,17 +357,16 @@ def activation(x, y, kind, half):
     """y = the activation `kind` of x (see _activation_value), over 1-D arrays, in float64
     rounded once."""
     for i in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-        y[i] = _activation_value(float(x[i]), kind, half)
+        y[i] = _activation_value(wide(x[i]), kind, half)
 
 
 @_jit
 def activation_grad(dy, y, out, kind):
     """out = the gradient through activation `kind` (its index in ACTIVATIONS) from its
-    output y, over 1-D arrays.  The arithmetic is float64, rounded once: under the
-    simulator NumPy scalars in the data's dtype would warn of inf * 0."""
+    output y, over 1-D arrays.  The arithmetic is float64, rounded once."""
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        v = float(y[i])
-        d = float(dy[i])
+        v = wide(y[i])
+        d = wide(dy[i])
         if kind == 0:
             g = d * (1.0 if v > 0.0 else 0.0)
         elif kind == 1:
@@ -395,7 +398,7 @@ def _put(y, i, j, m, t, after, half):
     stored: the bits the activation gives that output on its own."""
     y[i, j, m] = t
     if after >= 0:
-        y[i, j, m] = _activation_value(float(y[i, j, m]), after, half)
+        y[i, j, m] = _activation_value(wide(y[i, j, m]), after, half)
 
 
 @_device
