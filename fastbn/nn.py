@@ -283,7 +283,8 @@ def _finish(y3, x, out, out3):
         return y3.reshape(x.shape)
     if y3 is not out3:
         if is_device_array(out):
-            _device_view(out, "out")[...] = y3.reshape(x.shape)
+            # A device-to-device copy: Numba's device arrays take no `[...] =`.
+            _device_view(out, "out").copy_to_device(y3.reshape(x.shape))
         else:
             np.copyto(out, y3.reshape(x.shape))
     return out
