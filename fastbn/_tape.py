@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from . import nn
+from . import backends, nn
 from ._variables import Variable
 
 __all__ = ["GradientTape", "UnconnectedGradients"]
@@ -272,9 +272,7 @@ def _host(a):
 def _device(a, dtype):
     if nn.is_device_array(a):
         return nn._device_view(a, "output_gradients")
-    from numba import cuda
-
-    return cuda.to_device(np.ascontiguousarray(a, dtype))
+    return backends.to_numba_device(a, dtype)
 
 
 def _accumulate(grads, key, value):

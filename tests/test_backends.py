@@ -184,3 +184,22 @@ def test_usable_cores_follows_the_affinity():
         os.sched_setaffinity(0, allowed)
     time.sleep(base.CORES_READ_EVERY)
     assert backends.usable_cores() == len(allowed)
+
+
+def test_host_arrays_go_to_numba_with_strides_it_can_index(monkeypatch):
+    # NumPy leaves any stride on a C-contiguous array's axes of length 1; numba-cuda
+    # takes a negative one there for an empty axis (an H200 refused such a copy).
+    cuda = pytest.importorskip("numba.cuda")
+    dummyarray = pytest.importorskip("numba.cuda.cudadrv.dummyarray")
+    sent = []
+    monkeypatch.setattr(cuda, "to_device", lambda a: sent.append(a) or a)
+    arrays = [np.ones((1, 1, 1), np.float16)[::-1], np.arange(15.0).reshape(5, 1, 3)[:, ::-1],
+              np.arange(6.0).reshape(2, 3).T]
+    wanted = [(x, None) for x in arrays] + [(arrays[0], np.float32)]
+    for x, dtype in wanted:
+        backends.to_numba_device(x, dtype)
+    for a, (x, dtype) in zip(sent, wanted):
+        assert a.flags.c_contiguous and a.dtype == (dtype or x.dtype)
+        np.testing.assert_array_equal(a, x)
+        core = dummyarray.Array.from_desc(0, a.shape, a.strides, a.itemsize)
+        assert core[(slice(None),) * a.ndim].shape == a.shape

@@ -260,6 +260,19 @@ def as_numba_array(array):
     return view
 
 
+def to_numba_device(array, dtype=None):
+    """A host array copied to a new Numba device array, C-contiguous, in `dtype` (its
+    own by default).  NumPy leaves any stride on a C-contiguous array's axes of length
+    1, and numba-cuda takes a negative one there for an empty axis: such an array is
+    copied on the host first."""
+    from numba import cuda
+
+    host = np.ascontiguousarray(array, dtype)
+    if min(host.strides, default=0) < 0:
+        host = host.copy()
+    return cuda.to_device(host)
+
+
 def get_for(array, name=None):
     """The backend for `array`: as `get`, but device arrays go to a backend that takes them.
 

@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 
-from . import as_numba_array, is_device_array
+from . import as_numba_array, is_device_array, to_numba_device
 from .base import (ACTIVATIONS, Backend, BackendUnavailable, compute_dtype, environ_get,
                    position_weights)
 
@@ -718,7 +718,7 @@ class NumbaCudaBackend(Backend):
         The kernels read and write float16 themselves and compute in float32."""
         if is_device_array(x):
             return as_numba_array(x), False
-        return self._cuda.to_device(np.ascontiguousarray(x)), True
+        return to_numba_device(x), True
 
     def _output(self, d_x, out):
         """Where a kernel writes a result of d_x's shape: `out` when it is a device
@@ -776,8 +776,7 @@ class NumbaCudaBackend(Backend):
         if weights is not None:
             w = np.asarray(weights, np.float64)
             w_c = 1 if w.shape[1] == c and c > 1 else 0
-            d_w = self._cuda.to_device(np.ascontiguousarray(np.broadcast_to(
-                w, (n, w.shape[1], m))))
+            d_w = to_numba_device(np.broadcast_to(w, (n, w.shape[1], m)))
         if coef is None:
             coef = self._buffer("no coefficients", (1, 1), compute_dtype(d_x.dtype))
             result = STATISTICS
@@ -920,7 +919,7 @@ class NumbaCudaBackend(Backend):
         self._gradient_sums(d_x, d_dy, mean, io, coef, epsilon, total, GRADIENT)
         d_w = None
         if weights is not None:
-            d_w = self._cuda.to_device(position_weights(weights, d_dy, ct))
+            d_w = to_numba_device(position_weights(weights, d_dy, ct))
         d_out = self._output(d_dy, out)
         self._affine(d_x, d_dy, d_out, coef, d_w)
         self._wait()
@@ -933,7 +932,7 @@ class NumbaCudaBackend(Backend):
         ct = compute_dtype(d_dy.dtype)
         d_w = None
         if weights is not None:
-            d_w = self._cuda.to_device(position_weights(weights, d_dy, ct))
+            d_w = to_numba_device(position_weights(weights, d_dy, ct))
         d_out = self._output(d_dy, out)
         if d_dy.size:
             coef = self._on_device((mean, b, c, a), ct)
