@@ -401,28 +401,39 @@ def _put(y, i, j, m, t, after, half):
         y[i, j, m] = _activation_value(wide(y[i, j, m]), after, half)
 
 
+# The four loads take the first index and the step, not the four indices: with the
+# indices computed by the caller, sm_90 code needs 8 more registers.
 @_device
-def _rows_of(a, r0, r1, r2, r3, c):
-    return a[r0, c, 0], a[r1, c, 0], a[r2, c, 0], a[r3, c, 0]
+def _rows_of(a, r, step, c):
+    return a[r, c, 0], a[r + step, c, 0], a[r + 2 * step, c, 0], a[r + 3 * step, c, 0]
 
 
 @_device
-def _positions_of(a, n, c, m0, m1, m2, m3):
-    return a[n, c, m0], a[n, c, m1], a[n, c, m2], a[n, c, m3]
+def _positions_of(a, n, c, m, step):
+    return a[n, c, m], a[n, c, m + step], a[n, c, m + 2 * step], a[n, c, m + 3 * step]
 
 
-def _affine_kernels(kind, has_dy):
+def _affine_kernels(kind, has_dy, activates=False):
     """The elementwise kernels of one pass, one per layout (kind_rows, kind_runs,
     kind_flat), all with the arguments (x, dy, y, coef, w, has_w, relu, after, half):
       normalization (has_dy False)  y = (x - mean) * k + b, then max(y, 0) with `relu`,
-                                    then the activation `after` (see _put)
+                                    then, in the kernels that `activate`, the
+                                    activation `after` (see _put)
       input gradient (has_dy True)  y = a * dy + w * ((x - mean) * k + b)
     coef holds mean, k, b (and a) per channel; w is one weight per position, or 1
     without `has_w`.  dy without has_dy, and w without has_w, are never read: any
-    array of the right dtype stands in.  `has_dy` is fixed when the kernels are
-    compiled, so each pass's kernels carry no code of the other's."""
+    array of the right dtype stands in.  What a pass never varies is fixed when its
+    kernels are compiled (dy, the weights and relu by has_dy, the activation by
+    `activates`): code a kernel would skip costs it registers all the same, and with
+    them blocks per multiprocessor (an H200's normalization went 40 -> 56 registers
+    and 118 -> 139 us on 206 MB when one family carried it all)."""
+    weighted = has_dy
+    rectifies = not has_dy
 
     def rows(x, dy, y, coef, w, has_w, relu, after, half):
+        has_w = weighted and has_w
+        relu = rectifies and relu
+        after = after if activates else -1
         # A thread per channel of a tile of CHANNELS_PER_BLOCK, stepping down the rows.
         c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
         if c < x.shape[1]:
@@ -434,24 +445,21 @@ def _affine_kernels(kind, has_dy):
             step = cuda.gridDim.y * ROW_THREADS
             r = cuda.blockIdx.y * ROW_THREADS + cuda.threadIdx.y
             while r + (UNROLL - 1) * step < n:
-                r1 = r + step
-                r2 = r1 + step
-                r3 = r2 + step
-                v0, v1, v2, v3 = _rows_of(x, r, r1, r2, r3, c)
+                v0, v1, v2, v3 = _rows_of(x, r, step, c)
                 d0 = d1 = d2 = d3 = v0
                 if has_dy:
-                    d0, d1, d2, d3 = _rows_of(dy, r, r1, r2, r3, c)
+                    d0, d1, d2, d3 = _rows_of(dy, r, step, c)
                 w0 = w1 = w2 = w3 = k
                 if has_w:
-                    w0, w1, w2, w3 = _rows_of(w, r, r1, r2, r3, 0)
+                    w0, w1, w2, w3 = _rows_of(w, r, step, 0)
                 _put(y, r, c, 0, _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu),
                      after, half)
-                _put(y, r1, c, 0, _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu),
-                     after, half)
-                _put(y, r2, c, 0, _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu),
-                     after, half)
-                _put(y, r3, c, 0, _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu),
-                     after, half)
+                _put(y, r + step, c, 0, _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w,
+                                                      relu), after, half)
+                _put(y, r + 2 * step, c, 0, _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w,
+                                                          relu), after, half)
+                _put(y, r + 3 * step, c, 0, _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w,
+                                                          relu), after, half)
                 r += UNROLL * step
             while r < n:
                 v = x[r, c, 0]
@@ -462,6 +470,9 @@ def _affine_kernels(kind, has_dy):
                 r += step
 
     def runs(x, dy, y, coef, w, has_w, relu, after, half):
+        has_w = weighted and has_w
+        relu = rectifies and relu
+        after = after if activates else -1
         # A block per (n, c) run at a time, its threads along the run.
         channels = x.shape[1]
         size = x.shape[2]
@@ -475,24 +486,21 @@ def _affine_kernels(kind, has_dy):
             a = coef[3, c] if has_dy else k
             m = cuda.threadIdx.x
             while m + (UNROLL - 1) * step < size:
-                m1 = m + step
-                m2 = m1 + step
-                m3 = m2 + step
-                v0, v1, v2, v3 = _positions_of(x, n, c, m, m1, m2, m3)
+                v0, v1, v2, v3 = _positions_of(x, n, c, m, step)
                 d0 = d1 = d2 = d3 = v0
                 if has_dy:
-                    d0, d1, d2, d3 = _positions_of(dy, n, c, m, m1, m2, m3)
+                    d0, d1, d2, d3 = _positions_of(dy, n, c, m, step)
                 w0 = w1 = w2 = w3 = k
                 if has_w:
-                    w0, w1, w2, w3 = _positions_of(w, n, 0, m, m1, m2, m3)
+                    w0, w1, w2, w3 = _positions_of(w, n, 0, m, step)
                 _put(y, n, c, m, _affine_value(v0, d0, w0, mean, k, b, a, has_dy, has_w, relu),
                      after, half)
-                _put(y, n, c, m1, _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w, relu),
-                     after, half)
-                _put(y, n, c, m2, _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w, relu),
-                     after, half)
-                _put(y, n, c, m3, _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w, relu),
-                     after, half)
+                _put(y, n, c, m + step, _affine_value(v1, d1, w1, mean, k, b, a, has_dy, has_w,
+                                                      relu), after, half)
+                _put(y, n, c, m + 2 * step, _affine_value(v2, d2, w2, mean, k, b, a, has_dy, has_w,
+                                                          relu), after, half)
+                _put(y, n, c, m + 3 * step, _affine_value(v3, d3, w3, mean, k, b, a, has_dy, has_w,
+                                                          relu), after, half)
                 m += UNROLL * step
             while m < size:
                 v = x[n, c, m]
@@ -503,6 +511,9 @@ def _affine_kernels(kind, has_dy):
                 m += step
 
     def flat(x, dy, y, coef, w, has_w, relu, after, half):
+        has_w = weighted and has_w
+        relu = rectifies and relu
+        after = after if activates else -1
         # Rows of few channels: a thread per element.
         channels = x.shape[1]
         for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
@@ -526,7 +537,9 @@ def _affine_kernels(kind, has_dy):
 
 KERNELS = {"rows_sums": rows_sums, "runs_sums": runs_sums, "combine": combine, "stage": stage,
            "activation": activation, "activation_grad": activation_grad,
-           **_affine_kernels("normalize", False), **_affine_kernels("grad", True)}
+           **_affine_kernels("normalize", False),
+           **_affine_kernels("normalize_activated", False, activates=True),
+           **_affine_kernels("grad", True)}
 
 # Launch configurations kept (Numba builds one per launch otherwise); beyond this
 # many, the cache starts again.
@@ -799,7 +812,8 @@ class NumbaCudaBackend(Backend):
             grid, block, layout = (tiles, down), (CHANNELS_PER_BLOCK, ROW_THREADS), "rows"
         else:
             (grid, block), layout = _flat_launch(n * c), "flat"
-        kind = "normalize" if d_dy is None else "grad"
+        kind = ("grad" if d_dy is not None else "normalize" if activation is None
+                else "normalize_activated")
         after = -1 if activation is None else ACTIVATIONS.index(activation)
         self._run(f"{kind}_{layout}", grid, block, d_x, d_x if d_dy is None else d_dy, d_out,
                   coef, d_x if d_w is None else d_w, d_w is not None, bool(relu), after,
