@@ -5,6 +5,9 @@
 # Logs and the bench's JSON go to $OUT (default /tmp/fastbn-gpu).  BASELINE=DIR first
 # benches the fastbn package in DIR (an earlier version) the same way; NUMBA_LAUNCH=1
 # also benches with every kernel launched through Numba (FASTBN_CUDA_DIRECT_LAUNCH=0).
+# PYTEST_ARGS goes to pytest (e.g. "-n 6 --dist loadfile": Numba's compiles are the slow part,
+# and xdist spreads them over the device machine's cores; the image's pytest-benchmark warns
+# under xdist, which filterwarnings=error makes fatal, so it is left out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastbn-gpu}
@@ -19,7 +22,7 @@ $PY -c "import sys, numpy, numba; from numba import cuda; print(sys.version.spli
 
 echo "== the CUDA backend's tests on the device"
 FASTBN_TEST_BACKENDS=numba_cuda timeout "${TEST_SECONDS:-240}" $PY -m pytest -q -p no:cacheprovider \
-    --ignore=tests/test_cython_backend.py --maxfail=40 tests 2>&1 | tee "$OUT/tests.log" | tail -60
+    -p no:benchmark --ignore=tests/test_cython_backend.py --maxfail=40 ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/tests.log" | tail -60
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 
 if [[ -n "${BASELINE:-}" ]]; then
@@ -47,6 +50,6 @@ fi
 
 if [[ -n "${PROFILE:-1}" && "${PROFILE:-1}" != 0 ]]; then
     echo "== per-kernel device time (torch.profiler)"
-    timeout 120 $PY tools/gpu_profile.py 2>&1 | tee "$OUT/profile.log" || status=1
+    timeout "${PROFILE_SECONDS:-120}" $PY tools/gpu_profile.py 2>&1 | tee "$OUT/profile.log" || status=1
 fi
 exit $status
