@@ -430,10 +430,12 @@ def _affine_kernels(kind, has_dy, activates=False):
     weighted = has_dy
     rectifies = not has_dy
 
+    @_device
+    def fixed(has_w, relu, after):
+        return weighted and has_w, rectifies and relu, after if activates else -1
+
     def rows(x, dy, y, coef, w, has_w, relu, after, half):
-        has_w = weighted and has_w
-        relu = rectifies and relu
-        after = after if activates else -1
+        has_w, relu, after = fixed(has_w, relu, after)
         # A thread per channel of a tile of CHANNELS_PER_BLOCK, stepping down the rows.
         c = cuda.blockIdx.x * CHANNELS_PER_BLOCK + cuda.threadIdx.x
         if c < x.shape[1]:
@@ -470,9 +472,7 @@ def _affine_kernels(kind, has_dy, activates=False):
                 r += step
 
     def runs(x, dy, y, coef, w, has_w, relu, after, half):
-        has_w = weighted and has_w
-        relu = rectifies and relu
-        after = after if activates else -1
+        has_w, relu, after = fixed(has_w, relu, after)
         # A block per (n, c) run at a time, its threads along the run.
         channels = x.shape[1]
         size = x.shape[2]
@@ -511,9 +511,7 @@ def _affine_kernels(kind, has_dy, activates=False):
                 m += step
 
     def flat(x, dy, y, coef, w, has_w, relu, after, half):
-        has_w = weighted and has_w
-        relu = rectifies and relu
-        after = after if activates else -1
+        has_w, relu, after = fixed(has_w, relu, after)
         # Rows of few channels: a thread per element.
         channels = x.shape[1]
         for i in range(cuda.grid(1), x.shape[0] * channels, cuda.gridsize(1)):
