@@ -24,6 +24,10 @@ except ImportError as err:
 # Shapes above the kernels' serial threshold, in both layouts, with ragged blocks (and
 # rows wider than one tile of channels, cut into even tiles of whole vectors).
 SHAPES = [(5003, 37, 1), (12, 5, 2011), (3, 2, 40000), (701, 300, 1)]
+# Rows wider than the gradient sums take at a time (4096 float32, 2048 float64 channels)
+# and than the input gradient's tiles, in row tiles that two threads' shares cut in the
+# middle.
+WIDE_ROWS = [(300, 5000, 1), (20, 9000, 1)]
 
 
 def _bits(a):
@@ -43,7 +47,7 @@ def test_cython_is_the_default_backend():
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("kernels", KERNELS, ids=lambda k: k.__name__.rsplit("_", 1)[-1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + WIDE_ROWS)
 def test_same_bits_for_any_thread_count(kernels, dtype, shape, stream):
     x = _data(shape, dtype)
     scale = np.linspace(0.5, 2, shape[1])
@@ -688,12 +692,13 @@ def test_gil_is_released_while_kernels_run():
 
 
 # Every way the kernels cut threaded work, above the serial threshold: rows of two channel
-# tiles, of tiles of normalization (wider than 1024), of few channels (the elementwise pass
-# in stretches across rows), NCHW runs of 49 values, runs cut into chunks, and channels
-# small enough to be normalized one at a time right after their statistics.
+# tiles, of tiles of normalization (wider than 1024), wider than the gradient's pieces
+# (WIDE_ROWS), of few channels (the elementwise pass in stretches across rows), NCHW runs
+# of 49 values, runs cut into chunks, and channels small enough to be normalized one at a
+# time right after their statistics.
 THREADED_GEOMETRIES = [((300, 257), "NHWC"), ((70, 1100), "NHWC"), ((20000, 7), "NHWC"),
                        ((64, 30, 7, 7), "NCHW"), ((2, 3, 40000), "NCHW"),
-                       ((8, 16, 32, 32), "NCHW")]
+                       ((8, 16, 32, 32), "NCHW")] + [(s[:2], "NHWC") for s in WIDE_ROWS]
 
 
 def _strided(a):
