@@ -24,9 +24,8 @@ except ImportError as err:
 # Shapes above the kernels' serial threshold, in both layouts, with ragged blocks (and
 # rows wider than one tile of channels, cut into even tiles of whole vectors).
 SHAPES = [(5003, 37, 1), (12, 5, 2011), (3, 2, 40000), (701, 300, 1)]
-# Rows wider than the gradient sums take at a time (4096 float32, 2048 float64 channels)
-# and than the input gradient's tiles, in row tiles that two threads' shares cut in the
-# middle.
+# Rows wider than the gradient sums take at a time (4096 float32, 2048 float64 channels),
+# in row tiles that two threads' shares cut in the middle.
 WIDE_ROWS = [(300, 5000, 1), (20, 9000, 1)]
 
 

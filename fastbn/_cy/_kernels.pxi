@@ -458,11 +458,12 @@ DEF SERIAL_BELOW = 65536
 # Channels per block in the rows layout.
 DEF CHANNEL_TILE = 256
 # The gradient sums go across a thread's blocks of a row tile this many channels at a
-# time (float64: half as many; float16 pieces: CHANNEL_TILE), their float sums for one
-# flush held side by side: rows read in long stretches instead of 1 KB pieces 16 KB
+# time (float64: half as many, the same bytes; float16 pieces: CHANNEL_TILE), their sums
+# for one flush side by side: rows read in long stretches instead of 1 KB pieces 16 KB
 # apart (2-D 256x4096 backward 4-12% faster, NHWC 32x7x7x512 1-5%, float64 9-15%, on a
 # 2-core AMD EPYC; same bits, as each channel's sums are its own).
 DEF SUMS_ROW = 4096
+DEF SUMS_ROW_DOUBLES = SUMS_ROW // 2
 # Elementwise passes over rows wider than this many channels go tile by tile,
 # NORM_ROWS rows at a time, keeping each tile's parameters in L1.
 DEF NORM_TILE = 1024
@@ -1571,11 +1572,12 @@ cdef inline void _grad_rows_flush(const floating* x, const floating* dy, Py_ssiz
     dy_halves where given (floating float, F16C builds): a piece of rows at a time
     widened, as in _rows_block_halves."""
     cdef Py_ssize_t j, p_end, i, piece = _piece_rows(w)
-    cdef floating sums[2 * SUMS_ROW + 32]
-    # s2 a line past s1's end: a multiple of 4 KB between them would make every s2[j]
-    # contend with s1[j] for the same L1 set.
-    cdef floating* s1 = sums
-    cdef floating* s2 = sums + (w + 15) // 16 * 16 + 16
+    # Room for s1 and s2 (the same 33 KB of stack for either type), s2 a line past s1's
+    # end: a multiple of 4 KB between them would make every s2[j] contend with s1[j] for
+    # the same L1 set.
+    cdef double room[SUMS_ROW + 16]
+    cdef floating* s1 = <floating*>room
+    cdef floating* s2 = s1 + (w + 15) // 16 * 16 + 16
     cdef float bx[SUMS_PIECE]
     cdef float bd[SUMS_PIECE]
     for j in range(w):
@@ -1610,9 +1612,10 @@ cdef void _grad_rows_blocks(const floating* x, const floating* dy, Geometry* g,
     flushes in row order: the same bits."""
     cdef Py_ssize_t b = b0, last, r, r_end, j, c_lo, c_hi, c0, w, at
     cdef Py_ssize_t wide = CHANNEL_TILE if x_halves != NULL else (
-        SUMS_ROW if floating is float else SUMS_ROW // 2)
+        SUMS_ROW if floating is float else SUMS_ROW_DOUBLES)
     cdef Block k
-    cdef floating cen[SUMS_ROW]
+    cdef double cen_room[SUMS_ROW_DOUBLES]
+    cdef floating* cen = <floating*>cen_room
     while b < b1:
         last = (b // g.n_channel_tiles + 1) * g.n_channel_tiles
         if last > b1:
