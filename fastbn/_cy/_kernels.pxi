@@ -457,13 +457,6 @@ DEF GROUP = 8
 DEF SERIAL_BELOW = 65536
 # Channels per block in the rows layout.
 DEF CHANNEL_TILE = 256
-# The gradient sums go across a thread's blocks of a row tile this many channels at a
-# time (float64: half as many, the same bytes; float16 pieces: CHANNEL_TILE), their sums
-# for one flush side by side: rows read in long stretches instead of 1 KB pieces 16 KB
-# apart (2-D 256x4096 backward 4-12% faster, NHWC 32x7x7x512 1-5%, float64 9-15%, on a
-# 2-core AMD EPYC; same bits, as each channel's sums are its own).
-DEF SUMS_ROW = 4096
-DEF SUMS_ROW_DOUBLES = SUMS_ROW // 2
 # Elementwise passes over rows wider than this many channels go tile by tile,
 # NORM_ROWS rows at a time, keeping each tile's parameters in L1.
 DEF NORM_TILE = 1024
@@ -1567,17 +1560,13 @@ cdef inline void _grad_rows_flush(const floating* x, const floating* dy, Py_ssiz
                                   const unsigned short* x_halves,
                                   const unsigned short* dy_halves) noexcept nogil:
     """Adds sum(dy) and sum(dy * (x - cen)) of rows r..r_end (at most FLUSH) of channels
-    c0..c0 + w (at most SUMS_ROW; float16, CHANNEL_TILE) into d1[j], d2[j]: one flush of
-    the float sums (local arrays, as in _rows_block).  Of float16 data x_halves and
-    dy_halves where given (floating float, F16C builds): a piece of rows at a time
-    widened, as in _rows_block_halves."""
+    c0..c0 + w (w <= CHANNEL_TILE) into d1[j], d2[j]: one flush of a rows block's float
+    sums (local arrays, as in _rows_block).  Of float16 data x_halves and dy_halves where
+    given (floating float, F16C builds): a piece of rows at a time widened, as in
+    _rows_block_halves."""
     cdef Py_ssize_t j, p_end, i, piece = _piece_rows(w)
-    # Room for s1 and s2 (the same 33 KB of stack for either type), s2 a line past s1's
-    # end: a multiple of 4 KB between them would make every s2[j] contend with s1[j] for
-    # the same L1 set.
-    cdef double room[SUMS_ROW + 16]
-    cdef floating* s1 = <floating*>room
-    cdef floating* s2 = s1 + (w + 15) // 16 * 16 + 16
+    cdef floating s1[CHANNEL_TILE]
+    cdef floating s2[CHANNEL_TILE]
     cdef float bx[SUMS_PIECE]
     cdef float bd[SUMS_PIECE]
     for j in range(w):
@@ -1604,46 +1593,41 @@ cdef void _grad_rows_blocks(const floating* x, const floating* dy, Geometry* g,
                             const unsigned short* dy_halves) noexcept nogil:
     """The gradient sums of rows blocks b0..b1 (see _block) into part1/part2 at their slots.
 
-    Each row tile's next FLUSH rows go through all of its channels in the range (SUMS_ROW
-    at a time) before the rows after them: the reading goes down the rows, so the last
-    rows, all their channels, are what it leaves in L2, and the input gradient's pass
-    (which goes backwards) starts there (tile by tile instead, the backward took 20-27 us
-    longer on 2-D 256x4096, 9-12 us on NHWC 32x7x7x512).  Each block still adds its
-    flushes in row order: the same bits."""
-    cdef Py_ssize_t b = b0, last, r, r_end, j, c_lo, c_hi, c0, w, at
-    cdef Py_ssize_t wide = CHANNEL_TILE if x_halves != NULL else (
-        SUMS_ROW if floating is float else SUMS_ROW_DOUBLES)
+    Each row tile's next FLUSH rows go through all of its channel tiles (in the range)
+    before the rows after them: the reading goes down the rows, so the last rows, all their
+    channels, are what it leaves in L2, and the input gradient's pass (which goes
+    backwards) starts there (tile by tile instead, the backward took 20-27 us longer on 2-D
+    256x4096, 9-12 us on NHWC 32x7x7x512).  Each block still adds its flushes in row
+    order: the same bits."""
+    cdef Py_ssize_t b = b0, last, bb, r, r_end, j
     cdef Block k
-    cdef double cen_room[SUMS_ROW_DOUBLES]
-    cdef floating* cen = <floating*>cen_room
+    cdef floating cen[CHANNEL_TILE]
     while b < b1:
         last = (b // g.n_channel_tiles + 1) * g.n_channel_tiles
         if last > b1:
             last = b1
-        # The blocks of a row tile share its rows and lie side by side, in it and in
-        # part1/part2: channels c_lo..c_hi from slot `at`.
-        c_lo = _block(g, b).c0
-        k = _block(g, last - 1)
-        c_hi = k.c0 + k.w
-        at = k.rt * g.C
-        for j in range(c_lo, c_hi):
-            part1[at + j] = 0.0
-            part2[at + j] = 0.0
+        for bb in range(b, last):
+            k = _block(g, bb)
+            for j in range(k.w):
+                part1[k.slot + j] = 0.0
+                part2[k.slot + j] = 0.0
+        # (The blocks of a row tile share its rows.)
         r = k.r0
         while r < k.r1:
             r_end = r + FLUSH if r + FLUSH < k.r1 else k.r1
-            c0 = c_lo
-            while c0 < c_hi:
-                w = c_hi - c0 if c_hi - c0 < wide else wide
-                for j in range(w):
-                    cen[j] = <floating>mean[c0 + j]
-                _grad_rows_flush(x, dy, g.C, r, r_end, c0, w, cen, part1 + at + c0,
-                                 part2 + at + c0, x_halves, dy_halves)
-                c0 += w
+            for bb in range(b, last):
+                k = _block(g, bb)
+                for j in range(k.w):
+                    cen[j] = <floating>mean[k.c0 + j]
+                _grad_rows_flush(x, dy, g.C, r, r_end, k.c0, k.w, cen, part1 + k.slot,
+                                 part2 + k.slot, x_halves, dy_halves)
             r = r_end
         # The centre the data type used differs from mean by a rounding: correct for it.
-        for j in range(c_lo, c_hi):
-            part2[at + j] += (<double><floating>mean[j] - mean[j]) * part1[at + j]
+        for bb in range(b, last):
+            k = _block(g, bb)
+            for j in range(k.w):
+                part2[k.slot + j] += ((<double><floating>mean[k.c0 + j] - mean[k.c0 + j])
+                                      * part1[k.slot + j])
         b = last
 
 
