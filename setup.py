@@ -25,6 +25,12 @@ from setuptools import Extension, setup
 OPTIMIZE = ["-O3"]
 # sqrt() that need not set errno vectorises (the per-channel factors of a call).
 NO_ERRNO = ["-fno-math-errno"]
+# Loops start on a 64-byte boundary whatever code precedes them: on a Zen 3 EPYC the float16
+# backward's sums (a loop over buffers in L1) ran 10-12% slower when only the alignment of
+# their function moved (0c5b739's kernels built with -falign-functions=64), and any change
+# elsewhere in the module could move it.  With this flag both placements ran alike; other
+# kernels moved within the noise (0.97-1.04; float16 training 0.90).
+ALIGN_LOOPS = ["-falign-loops=64"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 # Every CPU with AVX2 and FMA has F16C (half-precision conversions) too.
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]
@@ -64,7 +70,7 @@ def _openmp_flags():
 
 def extensions():
     openmp = _openmp_flags()
-    optimize = OPTIMIZE + (NO_ERRNO if _compiles(NO_ERRNO) else [])
+    optimize = OPTIMIZE + [flag for flag in NO_ERRNO + ALIGN_LOOPS if _compiles([flag])]
     common = dict(include_dirs=[np.get_include()],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                   extra_link_args=openmp)
