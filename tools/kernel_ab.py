@@ -20,11 +20,11 @@ import glob
 import importlib.util
 import os
 import sys
-import time
 
 import numpy as np
 
 import fastbn
+from fastbn import bench
 from fastbn.backends import cython_backend
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "fastbn", "_cy")
@@ -97,15 +97,6 @@ def same_bits(first, second):
         for a, b in zip(first, second))
 
 
-def seconds_per_call(call):
-    call()
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < ROUND_SECONDS:
-        call()
-        calls += 1
-    return (time.perf_counter() - start) / calls
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", help="directory holding the other build of the kernels")
@@ -133,7 +124,7 @@ def main(argv=None):
     times = {"old": [], "new": []}
     for round_ in range(args.rounds):
         for side in ("old", "new") if round_ % 2 else ("new", "old"):
-            times[side].append(seconds_per_call(calls[side]))
+            times[side].append(bench._time(calls[side], ROUND_SECONDS))
     old_t, new_t = np.array(times["old"]), np.array(times["new"])
     shape = "x".join(str(d) for d in args.shape)
     print(f"{args.op} {args.dtype} {shape}, {threads} threads: old {1e3 * np.median(old_t):.3f} "
