@@ -48,3 +48,10 @@ def test_shapes_are_read_as_rows_or_runs(tool):
 def test_a_missing_build_is_named(tool, tmp_path):
     with pytest.raises(SystemExit, match="no kernels_"):
         tool.main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("rounds", ["0", "-3"])
+def test_rounds_must_be_positive(tool, capsys, rounds):
+    with pytest.raises(SystemExit):
+        tool.main([tool.HERE, "--rounds", rounds])
+    assert "--rounds must be a positive integer" in capsys.readouterr().err

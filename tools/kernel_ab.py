@@ -110,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--isa", choices=("avx2", "baseline"),
                         default="avx2" if cython_backend.cpu_has_avx2() else "baseline")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be a positive integer, got {args.rounds}")
     module = "kernels_" + args.isa
     old, new = load(args.old, module, "old"), load(args.new, module, "new")
     threads = fastbn.backends.get("cython").threads()
