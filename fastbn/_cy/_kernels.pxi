@@ -1877,9 +1877,13 @@ cdef void _grad_merge(Geometry* g, const double* part1, const double* part2, dou
 # ---------------------------------------------------------------------------
 # Python entry points (arrays checked and prepared by the backend)
 
-cdef inline void _require(cnp.ndarray a, int typenum, str what) except *:
+cdef inline void _require(cnp.ndarray a, int typenum, str what, int ndim=-1) except *:
+    """Raises unless a is a C-contiguous array of dtype `typenum` with ndim dimensions
+    (any number of them for -1): the kernels read the shapes they take without bounds."""
     if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a):
         raise TypeError(f"{what} must be a C-contiguous array of the kernel's dtype")
+    if ndim >= 0 and a.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimensions, got {a.ndim}")
 
 
 cdef inline bint _is_float32(cnp.ndarray x) except -1:
@@ -2114,7 +2118,7 @@ def moments(cnp.ndarray x, object weights, int n_threads):
     if half and weights is not None:
         raise TypeError("weights need x of float32 or float64")
     cdef bint f32 = half or _is_float32(x)
-    _require(x, cnp.PyArray_TYPE(x), "x")
+    _require(x, cnp.PyArray_TYPE(x), "x", 3)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     cdef Geometry g = _geometry(N, C, M)
     cdef cnp.ndarray out_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&g.C, cnp.NPY_FLOAT64, 0)
@@ -2178,9 +2182,9 @@ def normalize(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray k, c
     cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
     cdef bint f32 = half or _is_float32(x)
     cdef int ct = cnp.NPY_FLOAT32 if half else t
-    for a, what, at in ((x, "x", t), (out, "out", t), (mean, "mean", ct), (k, "k", ct),
-                        (b, "b", ct)):
-        _require(a, at, what)
+    for a, what, at, nd in ((x, "x", t, 3), (out, "out", t, 3), (mean, "mean", ct, 1),
+                            (k, "k", ct, 1), (b, "b", ct, 1)):
+        _require(a, at, what, nd)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
             or k.shape[0] != C or b.shape[0] != C:
@@ -2350,10 +2354,10 @@ def infer_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray mean, cnp.ndarray 
     cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
     cdef bint f32 = half or _is_float32(x)
     cdef int ct = cnp.NPY_FLOAT32 if half else t
-    _require(x, t, "x")
-    _require(out, t, "out")
-    _require(mean, ct, "mean")
-    _require(offset, ct, "offset")
+    _require(x, t, "x", 3)
+    _require(out, t, "out", 3)
+    _require(mean, ct, "mean", 1)
+    _require(offset, ct, "offset", 1)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
             or offset.shape[0] != C:
@@ -2405,10 +2409,10 @@ def train_forward(cnp.ndarray x, cnp.ndarray out, cnp.ndarray scale, cnp.ndarray
     cdef bint half = t == cnp.NPY_FLOAT16 and fastbn_have_f16c()
     cdef bint f32 = half or _is_float32(x)
     cdef int ct = cnp.NPY_FLOAT32 if half else t
-    _require(x, t, "x")
-    _require(out, t, "out")
-    _require(scale, ct, "scale")
-    _require(offset, ct, "offset")
+    _require(x, t, "x", 3)
+    _require(out, t, "out", 3)
+    _require(scale, ct, "scale", 1)
+    _require(offset, ct, "offset", 1)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if out.shape[0] != N or out.shape[1] != C or out.shape[2] != M or scale.shape[0] != C \
             or offset.shape[0] != C:
@@ -2449,9 +2453,9 @@ def grad_reductions(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean, int n_threa
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
-    _require(x, t, "x")
-    _require(dy, t, "dy")
-    _require(mean, cnp.NPY_FLOAT64, "mean")
+    _require(x, t, "x", 3)
+    _require(dy, t, "dy", 3)
+    _require(mean, cnp.NPY_FLOAT64, "mean", 1)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if dy.shape[0] != N or dy.shape[1] != C or dy.shape[2] != M or mean.shape[0] != C:
         raise ValueError("grad_reductions: shapes do not match")
@@ -2488,9 +2492,9 @@ def grad_input(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     """
     cdef bint f32 = _is_float32(x)
     cdef int t = cnp.PyArray_TYPE(x)
-    for arr, what in ((x, "x"), (dy, "dy"), (out, "out"), (mean, "mean"), (a, "a"), (b, "b"),
-                      (c, "c")):
-        _require(arr, t, what)
+    for arr, what, nd in ((x, "x", 3), (dy, "dy", 3), (out, "out", 3), (mean, "mean", 1),
+                          (a, "a", 1), (b, "b", 1), (c, "c", 1)):
+        _require(arr, t, what, nd)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if dy.shape[0] != N or dy.shape[1] != C or dy.shape[2] != M or out.shape[0] != N \
             or out.shape[1] != C or out.shape[2] != M or mean.shape[0] != C \
@@ -2723,7 +2727,7 @@ def backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, cnp.ndarray mean,
     cdef bint f32 = half or _is_float32(x)
     cdef int ct = cnp.NPY_FLOAT32 if half else t
     for arr, what in ((x, "x"), (dy, "dy"), (out, "out")):
-        _require(arr, t, what)
+        _require(arr, t, what, 3)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2]
     if dy.shape[0] != N or dy.shape[1] != C or dy.shape[2] != M or out.shape[0] != N \
             or out.shape[1] != C or out.shape[2] != M:
