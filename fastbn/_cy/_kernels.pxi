@@ -460,8 +460,9 @@ DEF CHANNEL_TILE = 256
 # A thread's channels of a row tile go through the gradient sums up to this many at a time
 # (float32 or float64; float16 keeps CHANNEL_TILE), their sums for one flush side by side
 # in a scratch block on the heap: rows are then read in long stretches instead of 1 KB
-# pieces 16 KB apart (2-D 256x4096 backward 4-12% faster, NHWC 32x7x7x512 1-5%, float64
-# 9-15%, on a 2-core AMD EPYC; same bits, as each channel's sums are its own).
+# pieces 16 KB apart (on a 2-core AMD EPYC, kernel_ab: 2-D 256x4096 backward 0-13% faster
+# in six runs, median 6%; NHWC 32x7x7x512 5%; float64 2-D 9%; same bits, as each channel's
+# sums are its own).
 DEF SUMS_ROW = 4096
 # Elementwise passes over rows wider than this many channels go tile by tile,
 # NORM_ROWS rows at a time, keeping each tile's parameters in L1.
