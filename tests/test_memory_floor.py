@@ -25,7 +25,8 @@ def floor(tmp_path_factory):
 
 @pytest.mark.parametrize("n", [1, 37, 4096, 100_003])
 @pytest.mark.parametrize("threads", [1, 2, 5])
-def test_floor_loops_write_every_element(floor, n, threads):
+@pytest.mark.parametrize("block", [0, 16, 1000])
+def test_floor_loops_write_every_element(floor, n, threads, block):
     module, lib = floor
     rng = np.random.default_rng(n)
     x = module.aligned_copy(rng.standard_normal(n).astype(np.float32))
@@ -36,7 +37,11 @@ def test_floor_loops_write_every_element(floor, n, threads):
                 y = module.aligned_copy(np.full(n, np.nan, np.float32))
                 total = lib.floor_run(y.ctypes.data, x.ctypes.data,
                                       d.ctypes.data if with_d else None, n, passes, stream,
-                                      threads)
+                                      threads, block)
                 want = 1.5 * x + 0.5 + (d if with_d else 0)
                 np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
                 assert np.isfinite(total)
+                if passes == 1 and threads == 1:
+                    # The read pass really reads every element (of every piece).
+                    read = np.sum(x.astype(np.float64) * (d if with_d else 1))
+                    assert abs(total - read) <= 1e-4 * np.sum(np.abs(x)) + 1e-5

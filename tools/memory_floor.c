@@ -5,7 +5,10 @@
    optional first pass reads the share forwards (x, or x * d: the statistics or the
    gradient sums); the write pass then goes over it backwards (y = 1.5 x + 0.5, plus d
    where given), as fastbn's kernels do, so that it starts on what the first pass left
-   in the core's cache.  `stream`: non-temporal stores (y 32-byte aligned). */
+   in the core's cache.  `stream`: non-temporal stores (y 32-byte aligned).  `block` > 0:
+   both passes go over the share a piece of that many floats at a time (rounded up to a
+   line), the write pass right after the read pass of the same piece, as fastbn's kernels
+   go channel by channel on NCHW (a contiguous piece: a floor for runs of a channel). */
 #include <immintrin.h>
 #include <omp.h>
 
@@ -54,17 +57,22 @@ static void write_pass(float *y, const float *x, const float *d, long a, long b,
 
 /* passes: 0 the write pass, 1 the first pass then the write pass. */
 float floor_run(float *y, const float *x, const float *d, long n, int passes, int stream,
-                int threads)
+                int threads, long block)
 {
     float sums[256] = {0};
+    block = (block + 15) / 16 * 16;
     #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), team = omp_get_num_threads();
         long a = n * t / team / 16 * 16;
         long b = t == team - 1 ? n : n * (t + 1) / team / 16 * 16;
-        if (passes == 1)
-            sums[t % 256] = sum_pass(x, d, a, b);
-        write_pass(y, x, d, a, b, stream);
+        long step = block > 0 ? block : b - a, p, q;
+        for (p = a; p < b; p = q) {
+            q = b - p > step ? p + step : b;
+            if (passes == 1)
+                sums[t % 256] += sum_pass(x, d, p, q);
+            write_pass(y, x, d, p, q, stream);
+        }
         if (stream)
             _mm_sfence();
     }

@@ -7,14 +7,17 @@ For each of the issues' five float32 cases it prints, in ms: torch, the 1.5x-ove
 target (torch / 1.5), fastbn (the bench's calls: `out=` given), and the floor with plain
 and with non-temporal stores (tools/memory_floor.c, on fastbn's thread count: inference one
 write pass; training a read pass, then the write pass; backward a read pass over x and dy,
-then a write pass reading both).
+then a write pass reading both).  On NCHW the two passes go channel by channel (a
+channel's elements read, then written while they are still cached), as fastbn's kernels go
+there; elsewhere a channel spans the whole array, and each pass goes over all of it.
 
 Inference must read x and write y, all of them: its floor is the fastest way we know to
 move those bytes, and a target under it is out of reach for any implementation (under the
 streamed floor, even for one that leaves its output out of the caches, which the next op
-then pays for).  The training and backward floors are those of their two passes done
-plainly; a kernel that keeps data cached between the passes (fastbn's NCHW channels, one at
-a time) can beat them.  Needs gcc (or $CC) with OpenMP, an AVX2 CPU and torch.
+then pays for).  Training and the backward cannot write a channel's output before they
+have read all of the channel: their floors are those of the two passes done back to back
+on each channel (or on everything), the second from what the first left in the caches.
+Needs gcc (or $CC) with OpenMP, an AVX2 CPU and torch.
 """
 
 import argparse
@@ -42,7 +45,7 @@ def build(directory):
                     SOURCE, "-o", library], check=True)
     lib = ctypes.CDLL(library)
     pointer, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.floor_run.argtypes = [pointer, pointer, pointer, long_, int_, int_, int_]
+    lib.floor_run.argtypes = [pointer, pointer, pointer, long_, int_, int_, int_, long_]
     lib.floor_run.restype = ctypes.c_float
     return lib
 
@@ -56,8 +59,9 @@ def aligned_copy(a):
     return out
 
 
-def floor_calls(lib, x, dy, threads):
-    """{(op, streamed): a call moving op's bytes}."""
+def floor_calls(lib, x, dy, threads, channel_size=0):
+    """{(op, streamed): a call moving op's bytes}; the two-pass ops a channel of
+    channel_size elements at a time where it is given."""
     x, dy = aligned_copy(x), aligned_copy(dy)
     y = aligned_copy(np.zeros_like(x))
     passes = {"infer": (None, 0), "train": (None, 1), "backward": (dy, 1)}
@@ -66,7 +70,7 @@ def floor_calls(lib, x, dy, threads):
         # (The arrays stay referenced here: the library gets their addresses only.)
         return lambda: lib.floor_run(y.ctypes.data, x.ctypes.data,
                                      None if d is None else d.ctypes.data, x.size, n_passes,
-                                     stream, threads)
+                                     stream, threads, channel_size)
 
     return {(op, stream): call(d, n_passes, stream)
             for op, (d, n_passes) in passes.items() for stream in (0, 1)}
@@ -81,8 +85,9 @@ def measure(lib, repeats):
                  if op in OPS}
         calls.update({("torch", op): f for op, f in bench._torch_side(x, fmt, threads).items()
                       if op in OPS})
-        calls.update({("floor", key): f
-                      for key, f in floor_calls(lib, x, bench._gradient(x), threads).items()})
+        channel_size = x.size // shape[1] if fmt == "NCHW" else 0
+        calls.update({("floor", key): f for key, f in
+                      floor_calls(lib, x, bench._gradient(x), threads, channel_size).items()})
         times = {key: [] for key in calls}
         for _ in range(repeats):
             for key, call in calls.items():
@@ -110,7 +115,7 @@ def main(argv=None):
           f"{'floor':>8s} {'streamed':>8s}")
     for name, op, torch_ms, fastbn_ms, plain, streamed in rows:
         target = torch_ms / 1.5
-        verdict = ("" if op != "infer" else "target under both floors" if target < streamed
+        verdict = ("target under both floors" if target < streamed
                    else "target under the floor" if target < plain else "")
         print(f"{name:24s} {op:9s} {torch_ms:8.3f} {target:8.3f} {fastbn_ms:8.3f} "
               f"{plain:8.3f} {streamed:8.3f}  {verdict}")
