@@ -131,22 +131,18 @@ def _column_sums(s0, s1, s2, a0, a1, a2):
 
 
 @_device
+def _add(a0, a1, a2, w, v):
+    """a0 + w, a1 + w * v, a2 + w * v * v."""
+    return a0 + w, a1 + w * v, a2 + w * v * v
+
+
+@_device
 def _add_four(a0, a1, a2, w0, v0, w1, v1, w2, v2, w3, v3):
-    """a0 + sum(w), a1 + sum(w * v), a2 + sum(w * v * v) over four (w, v), added one
-    after the other (the bits of a plain loop over them)."""
-    a0 += w0
-    a1 += w0 * v0
-    a2 += w0 * v0 * v0
-    a0 += w1
-    a1 += w1 * v1
-    a2 += w1 * v1 * v1
-    a0 += w2
-    a1 += w2 * v2
-    a2 += w2 * v2 * v2
-    a0 += w3
-    a1 += w3 * v3
-    a2 += w3 * v3 * v3
-    return a0, a1, a2
+    """`_add` of four (w, v), one after the other (the bits of a plain loop over them)."""
+    a0, a1, a2 = _add(a0, a1, a2, w0, v0)
+    a0, a1, a2 = _add(a0, a1, a2, w1, v1)
+    a0, a1, a2 = _add(a0, a1, a2, w2, v2)
+    return _add(a0, a1, a2, w3, v3)
 
 
 @_jit
@@ -200,9 +196,7 @@ def rows_sums(x, a, parts, has_a, a_c, rows_per_block, centre_from_data):
             wt = 1.0
             if has_a:
                 wt = float64(a[r, c * a_c, 0])
-            a0 += wt
-            a1 += wt * v
-            a2 += wt * v * v
+            a0, a1, a2 = _add(a0, a1, a2, wt, v)
             r += ROW_THREADS
     t0, t1, t2 = _column_sums(s0, s1, s2, a0, a1, a2)
     if ty == 0 and c < channels:
@@ -266,9 +260,7 @@ def runs_sums(x, a, parts, has_a, a_c, positions_per_block, centre_from_data):
         wt = 1.0
         if has_a:
             wt = float64(a[n, c * a_c, m])
-        a0 += wt
-        a1 += wt * v
-        a2 += wt * v * v
+        a0, a1, a2 = _add(a0, a1, a2, wt, v)
         p += RUN_THREADS
     s0[tid] = a0
     s1[tid] = a1
