@@ -314,6 +314,63 @@ def test_direct_launches_pack_arguments_as_numba_does():
     assert through_numba == [args, args]
 
 
+def _numba_arrays():
+    """Numba device arrays of many layouts on no memory (nothing reads their data), and
+    a mapped one; skips where Numba's own device arrays cannot be made (no numba-cuda,
+    or the simulator, whose arrays are others)."""
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0"):
+        pytest.skip("the simulator's arrays are not Numba's device arrays")
+    devicearray = pytest.importorskip("numba.cuda.cudadrv.devicearray")
+
+    class NoMemory:
+        device_ctypes_pointer = type("Pointer", (), {"value": 4096})()
+
+    def array(shape, strides, dtype=np.float32):
+        return devicearray.DeviceNDArray(shape, strides, dtype, gpu_data=NoMemory())
+
+    mapped = np.zeros((2, 3, 4), np.float32).view(devicearray.MappedNDArray)
+    mapped.device_setup(NoMemory())
+
+    return [array((2, 3, 4), (48, 16, 4)), array((2, 3, 4), (4, 8, 24)),  # C, F
+            array((2, 3, 4), (96, 32, 8)), array((2, 3, 4), (96, 32, 8), np.float64),
+            array((2, 3, 4), (24, 8, 2), np.float16),  # strided; other dtypes
+            array((1, 4), (16, 4)), array((1, 4), (0, 4)),  # C and F; broadcast
+            array((3, 4), (0, 4)), array((4,), (4,)), array((4,), (0,)), mapped]
+
+
+def test_launch_keys_tell_apart_what_numba_types_apart():
+    from fastbn.backends.numba_cuda_backend import _argument_kind
+
+    arrays = _numba_arrays()
+    for a in arrays:
+        for b in arrays:
+            if _argument_kind(a) == _argument_kind(b):
+                assert type(a) is type(b) and a._numba_type_ == b._numba_type_, (a, b)
+    # All told apart but the two 2-D broadcasts, which Numba types alike.
+    assert len({_argument_kind(a) for a in arrays}) == len(arrays) - 1
+    assert _argument_kind(0.5) is float and _argument_kind(True) is bool
+
+
+def test_device_arrays_are_told_from_others():
+    arrays = _numba_arrays()
+
+    class Foreign:  # such as a CuPy array
+        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (4096, False),
+                                    "version": 3}
+
+    class HostTensor:  # such as a PyTorch CPU tensor
+        @property
+        def __cuda_array_interface__(self):
+            raise AttributeError("not on a GPU")
+
+    assert all(fb.backends.is_device_array(a) for a in arrays)
+    assert fb.backends.is_device_array(Foreign())
+    assert not any(fb.backends.is_device_array(a) for a in (np.ones(2), [1.0], HostTensor()))
+    assert all(fb.backends.as_numba_array(a) is a for a in arrays)
+
+
 @pytest.mark.parametrize("shape, data_format", [((300, 40), "NHWC"), ((6, 5, 77), "NCHW"),
                                                 ((50, 7), "NHWC")])
 def test_direct_launches_give_the_bits_of_numbas_launches(cuda, backend, shape, data_format):

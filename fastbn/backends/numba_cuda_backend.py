@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 
-from . import as_numba_array, is_device_array, to_numba_device
+from . import as_numba_array, is_device_array, is_numba_array, to_numba_device
 from .base import (ACTIVATIONS, Backend, BackendUnavailable, compute_dtype, environ_get,
                    position_weights)
 
@@ -589,6 +589,18 @@ def _host_copy(row):
     return np.array(row, np.float64)
 
 
+def _argument_kind(a):
+    """What Numba types a kernel argument by: a Numba array's class, dtype, rank and
+    layout (C, F or neither; broadcast is neither), anything else's class.  (Its Numba
+    type itself takes 16 us to build on each new array, and a call's views are new.)"""
+    if not is_numba_array(a):
+        return type(a)
+    flags = a.flags
+    broadcast = a.size != 0 and 0 in a.strides
+    return (type(a), a.dtype, a.ndim, flags["C_CONTIGUOUS"] and not broadcast,
+            flags["F_CONTIGUOUS"] and not broadcast)
+
+
 class DirectLaunches:
     """Launches of kernels Numba has compiled, straight through cuda.core.
 
@@ -618,7 +630,7 @@ class DirectLaunches:
                          "bool": AS_IS}
 
     def __call__(self, name, grid, block, args, numba_launch):
-        key = (name, *[getattr(a, "_numba_type_", None) or type(a) for a in args])
+        key = (name, *map(_argument_kind, args))
         compiled = self._compiled.get(key)
         if compiled is None or compiled is False:
             numba_launch(*args)
